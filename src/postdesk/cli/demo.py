@@ -1,0 +1,89 @@
+"""``postdesk demo``: Postdesk plus a local Microsoft 365 sandbox, with sample data, entirely offline."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from rich.panel import Panel
+
+from postdesk.cli.common import console
+from postdesk.config import Settings
+from postdesk.db.models import MicrosoftApp, Role
+from postdesk.db.session import transaction
+from postdesk.db.types import utcnow
+from postdesk.microsoft.connect import current_registration
+from postdesk.runtime import Runtime, bootstrap
+from postdesk.sandbox import SandboxDirectory, SandboxServer
+from postdesk.security.passwords import hash_password
+from postdesk.security.redact import configure_logging
+from postdesk.tickets.people import create_user, find_user
+from postdesk.tickets.samples import seed_sample_tickets
+
+DEMO_ADMIN = "admin@example.com"
+
+
+def _reset_admin(runtime: Runtime) -> str:
+    password = secrets.token_urlsafe(12)
+    with transaction(runtime.sessions) as session:
+        admin = find_user(session, DEMO_ADMIN)
+        if admin is None:
+            admin = create_user(session, email=DEMO_ADMIN, password=password, display_name="Demo Admin",
+                                role=Role.ADMIN)
+        admin.password_hash = hash_password(password)
+        admin.failed_logins = 0
+        admin.locked_until = None
+        seed_sample_tickets(session, agent=admin)
+    return password
+
+
+def _register_sandbox_app(runtime: Runtime, directory: SandboxDirectory) -> str:
+    """Register Postdesk in the sandbox tenant and store it as the Microsoft 365 app, as an admin would."""
+    tenant = directory.default_tenant
+    registered, secret = directory.register_app(
+        display_name="Postdesk demo",
+        home_tenant_id=tenant.tenant_id,
+        redirect_uris=[runtime.settings.oauth_redirect_uri],
+        sign_in_audience="AzureADMyOrg",
+    )
+    with transaction(runtime.sessions) as session:
+        app = current_registration(session) or MicrosoftApp()
+        app.client_id = registered.client_id
+        app.tenant = tenant.domain
+        app.cloud = "global"
+        app.account_types = "single"
+        app.client_secret = secret
+        app.client_secret_expires_at = None
+        app.updated_at = utcnow()
+        session.add(app)
+    return tenant.domain
+
+
+def run_demo(*, port: int, sandbox_port: int, data_dir: Path) -> None:
+    from postdesk.cli.main import run_server
+
+    data_dir = data_dir.resolve()
+    directory = SandboxDirectory.default()
+    sandbox = SandboxServer(directory, state_dir=data_dir / "sandbox", port=sandbox_port)
+    sandbox.start()
+    try:
+        settings = Settings(data_dir=data_dir, base_url=f"http://127.0.0.1:{port}",
+                            microsoft_login_url=sandbox.base_url, ca_bundle=sandbox.ca_path)
+        runtime = bootstrap(settings, apply_migrations=True)
+        configure_logging(settings.log_level)
+        password = _reset_admin(runtime)
+        tenant = _register_sandbox_app(runtime, directory)
+        users = ", ".join(user.upn for user in directory.users_of(directory.default_tenant.tenant_id))
+        console.print(Panel.fit(
+            f"Postdesk demo: [bold]http://127.0.0.1:{port}[/]\n\n"
+            f"Sign in as [bold]{DEMO_ADMIN}[/] with password [bold]{password}[/] (new on every start).\n\n"
+            f"A sandbox Microsoft 365 tenant ({tenant}) runs at {sandbox.base_url}.\n"
+            "To add a mailbox: Channels › Add account, then pick a sandbox user and accept.\n"
+            f"Sandbox users: {users}\n"
+            f"Your browser will warn about the sandbox's own certificate authority ({sandbox.ca_path});\n"
+            "accept it for 127.0.0.1, or import that file. Data lives in " + str(data_dir) + ".\n"
+            "Stop with Ctrl+C.",
+            title="Postdesk demo", border_style="green"))
+        run_server(runtime, host="127.0.0.1", port=port, with_worker=True)
+    finally:
+        sandbox.stop()

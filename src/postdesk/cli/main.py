@@ -1,0 +1,96 @@
+"""Entry point: ``postdesk serve|worker|db|user|ticket|microsoft365|channel|demo``."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from postdesk.cli import channels, tickets, users
+from postdesk.cli.common import console, start
+from postdesk.db import migrate
+from postdesk.runtime import Runtime
+from postdesk.worker.jobs import default_jobs
+from postdesk.worker.scheduler import Scheduler
+
+app = typer.Typer(
+    help="Postdesk: a self-hosted help desk for Microsoft 365 mailboxes.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals may hold tokens
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(users.app, name="user")
+app.add_typer(tickets.app, name="ticket")
+app.add_typer(channels.microsoft365_app, name="microsoft365")
+app.add_typer(channels.app, name="channel")
+
+
+def run_server(runtime: Runtime, *, host: str, port: int, with_worker: bool) -> None:
+    """Serve the web UI; with_worker also runs the scheduler in a thread until the server stops."""
+    from postdesk.web.app import create_app
+
+    stop = threading.Event()
+    worker = threading.Thread(target=Scheduler(runtime, default_jobs()).run_until, args=(stop,),
+                              name="postdesk-worker", daemon=True)
+    if with_worker:
+        worker.start()
+    try:
+        uvicorn.run(create_app(runtime), host=host, port=port, log_config=None, proxy_headers=True,
+                    server_header=False)
+    finally:
+        stop.set()
+        if with_worker:
+            worker.join(timeout=30)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8025,
+    worker: Annotated[bool, typer.Option("--worker/--no-worker", help="Also run the background worker.")] = True,
+) -> None:
+    """Run the web UI and API (and, unless --no-worker, the background worker). Applies migrations first."""
+    runtime = start()
+    console.print(f"Postdesk on http://{host}:{port} (public URL {runtime.settings.base_url})")
+    run_server(runtime, host=host, port=port, with_worker=worker)
+
+
+@app.command("worker")
+def worker_command() -> None:
+    """Run only the background worker (fetching mail, sending replies, housekeeping) until SIGTERM."""
+    runtime = start()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    Scheduler(runtime, default_jobs()).run_until(stop)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply all pending migrations (safe to run repeatedly)."""
+    runtime = start(apply_migrations=False)
+    before = migrate.current_revision(runtime.engine)
+    migrate.upgrade(runtime.engine)
+    after = migrate.current_revision(runtime.engine)
+    console.print("Database already up to date." if before == after else f"Database upgraded: {before} → {after}.")
+
+
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="Port for the web UI.")] = 8025,
+    sandbox_port: Annotated[int, typer.Option(help="Port for the sandbox Microsoft identity platform.")] = 8026,
+    data_dir: Annotated[Path, typer.Option(help="Where the demo keeps its data.")] = Path("postdesk-demo"),
+) -> None:
+    """Run Postdesk with sample tickets and a local Microsoft 365 sandbox, entirely offline."""
+    from postdesk.cli.demo import run_demo
+
+    run_demo(port=port, sandbox_port=sandbox_port, data_dir=data_dir)
+
+
+def main() -> None:
+    app()

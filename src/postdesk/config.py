@@ -1,0 +1,133 @@
+"""One typed settings object, read from ``POSTDESK_*`` environment variables only.
+
+Secrets may also come from a file named by ``POSTDESK_<NAME>_FILE`` (Docker/systemd credentials),
+never both. Bad values fail fast with a message naming the variable; every variable is documented in
+``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "POSTDESK_"
+SECRET_FIELDS = ("secret_key",)
+
+
+class ConfigError(Exception):
+    """The environment does not describe a usable configuration; the message says what to change."""
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, for example outlook.office365.com:993, got {value!r}")
+    return value
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http(s) URL such as https://helpdesk.example.com, got {value!r}")
+    if parts.query or parts.fragment:
+        raise ValueError("the URL must not carry a query string or fragment")
+    return value.rstrip("/")
+
+
+HostPort = Annotated[str, AfterValidator(_host_port)]
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+
+
+class Settings(BaseSettings):
+    """Everything Postdesk reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    data_dir: Path = Field(default=Path("./postdesk-data"))
+    database_url: str | None = None
+    base_url: HttpUrl = "http://127.0.0.1:8025"
+    secret_key: SecretStr | None = None
+    microsoft_cloud: Literal["global", "usgov", "china"] = "global"
+    microsoft_login_url: HttpUrl | None = None
+    microsoft_imap: HostPort | None = None
+    microsoft_smtp: HostPort | None = None
+    microsoft_graph_url: HttpUrl | None = None
+    ca_bundle: Path | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_bundle_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters; generate one with `openssl rand -base64 48`")
+        return value
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir.resolve() / 'postdesk.sqlite3'}"
+
+    @property
+    def oauth_redirect_uri(self) -> str:
+        """The Web redirect URI the admin registers in Entra ID; never derived from a request's Host."""
+        return f"{self.base_url}/auth/microsoft365/callback"
+
+    @property
+    def uses_https(self) -> bool:
+        return self.base_url.startswith("https://")
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def attachments_dir(self) -> Path:
+        return self.data_dir / "attachments"
+
+
+def _read_secret_files(environ: dict[str, str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for name in SECRET_FIELDS:
+        variable = f"{ENV_PREFIX}{name.upper()}"
+        path = environ.get(f"{variable}_FILE")
+        if not path:
+            continue
+        if environ.get(variable):
+            raise ConfigError(f"{variable} and {variable}_FILE are both set; keep only one")
+        try:
+            values[name] = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{variable}_FILE: cannot read {path}: {exc.strerror}") from exc
+    return values
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "?"
+        message = str(item["msg"]).removeprefix("Value error, ")
+        lines.append(f"{ENV_PREFIX}{field.upper()}: {message}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings() -> Settings:
+    """Read the settings from the process environment, or raise ConfigError saying what to fix."""
+    from_files = _read_secret_files(dict(os.environ))
+    try:
+        return Settings(**from_files)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc

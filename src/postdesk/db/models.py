@@ -1,0 +1,307 @@
+"""The help-desk schema: people, tickets and their articles, mail channels and Microsoft credentials."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from postdesk.db.types import EncryptedText, UTCDateTime, utcnow
+
+# Explicit constraint names keep Alembic migrations identical on SQLite and PostgreSQL.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+EMAIL_LENGTH = 320  # RFC 5321: 64 for the local part, 255 for the domain, and the "@"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime}
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Stored as plain strings with a CHECK constraint, so adding a value is a small migration.
+    return Enum(cls, name=name, native_enum=False, length=24, values_callable=lambda e: [m.value for m in e])
+
+
+class Role(enum.StrEnum):
+    ADMIN = "admin"
+    AGENT = "agent"
+
+
+class TicketState(enum.StrEnum):
+    NEW = "new"
+    OPEN = "open"
+    PENDING_REMINDER = "pending_reminder"
+    CLOSED = "closed"
+
+
+class Direction(enum.StrEnum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
+class Transport(enum.StrEnum):
+    IMAP = "imap"
+    GRAPH = "graph"
+
+
+class ChannelStatus(enum.StrEnum):
+    OK = "ok"
+    NEEDS_REAUTH = "needs_reauth"
+    ERROR = "error"
+    DISABLED = "disabled"
+
+
+group_members = Table(
+    "group_members",
+    Base.metadata,
+    Column("group_id", ForeignKey("groups.id", ondelete="CASCADE"), primary_key=True),
+    Column("user_id", ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+)
+
+
+class User(Base):
+    """An agent or admin who signs in to the web UI."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(EMAIL_LENGTH), unique=True)
+    display_name: Mapped[str] = mapped_column(String(200))
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    role: Mapped[Role] = mapped_column(_enum(Role, "user_role"), default=Role.AGENT)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[datetime | None]
+
+    groups: Mapped[list[Group]] = relationship(secondary=group_members, back_populates="members")
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role is Role.ADMIN
+
+
+class Group(Base):
+    """A team that owns tickets, e.g. "Support" or "Billing"; each mail channel routes into one."""
+
+    __tablename__ = "groups"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    members: Mapped[list[User]] = relationship(secondary=group_members, back_populates="groups")
+
+
+class Customer(Base):
+    __tablename__ = "customers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(EMAIL_LENGTH), unique=True)
+    display_name: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TicketCounter(Base):
+    """One row holding the last ticket number handed out (UPDATE … RETURNING keeps it race-free)."""
+
+    __tablename__ = "ticket_counter"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    last_number: Mapped[int] = mapped_column(Integer)
+
+
+class Ticket(Base):
+    __tablename__ = "tickets"
+    __table_args__ = (
+        Index("ix_tickets_state_updated_at", "state", "updated_at"),
+        Index("ix_tickets_group_id_updated_at", "group_id", "updated_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, unique=True)
+    title: Mapped[str] = mapped_column(String(998))
+    state: Mapped[TicketState] = mapped_column(_enum(TicketState, "ticket_state"), default=TicketState.NEW)
+    group_id: Mapped[int | None] = mapped_column(ForeignKey("groups.id", ondelete="SET NULL"))
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"), index=True)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    channel_id: Mapped[int | None] = mapped_column(ForeignKey("channels.id", ondelete="SET NULL"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    pending_until: Mapped[datetime | None]
+    closed_at: Mapped[datetime | None]
+
+    group: Mapped[Group | None] = relationship()
+    customer: Mapped[Customer] = relationship()
+    owner: Mapped[User | None] = relationship()
+    articles: Mapped[list[Article]] = relationship(
+        back_populates="ticket", order_by="(Article.created_at, Article.id)", cascade="all, delete-orphan"
+    )
+
+
+class Article(Base):
+    """One message in a ticket's conversation: an email in or out, or an internal note."""
+
+    __tablename__ = "articles"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"), index=True)
+    direction: Mapped[Direction] = mapped_column(_enum(Direction, "article_direction"))
+    internal: Mapped[bool] = mapped_column(Boolean, default=False)
+    sender: Mapped[str] = mapped_column(Text, default="")
+    to_addresses: Mapped[str] = mapped_column(Text, default="")
+    cc_addresses: Mapped[str] = mapped_column(Text, default="")
+    subject: Mapped[str] = mapped_column(Text, default="")
+    body_text: Mapped[str] = mapped_column(Text, default="")
+    # Stored as received; sanitised when displayed, never trusted.
+    body_html: Mapped[str | None] = mapped_column(Text)
+    message_id: Mapped[str | None] = mapped_column(String(998), index=True)
+    in_reply_to: Mapped[str | None] = mapped_column(Text)
+    references: Mapped[str | None] = mapped_column(Text)
+    author_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    channel_id: Mapped[int | None] = mapped_column(ForeignKey("channels.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    ticket: Mapped[Ticket] = relationship(back_populates="articles")
+    author: Mapped[User | None] = relationship()
+    attachments: Mapped[list[Attachment]] = relationship(
+        back_populates="article", order_by="Attachment.id", cascade="all, delete-orphan"
+    )
+
+
+class Attachment(Base):
+    """Metadata of a file attached to an article; the bytes live on disk, addressed by SHA-256."""
+
+    __tablename__ = "attachments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    article_id: Mapped[int] = mapped_column(ForeignKey("articles.id", ondelete="CASCADE"), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(255), default="application/octet-stream")
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    content_id: Mapped[str | None] = mapped_column(String(998))
+    inline: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    article: Mapped[Article] = relationship(back_populates="attachments")
+
+
+class MicrosoftApp(Base):
+    """The Entra ID app registration Postdesk signs in with (one per installation, in practice)."""
+
+    __tablename__ = "microsoft_apps"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(64))
+    tenant: Mapped[str] = mapped_column(String(255))
+    cloud: Mapped[str] = mapped_column(String(16), default="global")
+    account_types: Mapped[str] = mapped_column(String(24), default="single")
+    client_secret: Mapped[str | None] = mapped_column(EncryptedText("microsoft_app.client_secret"))
+    client_secret_expires_at: Mapped[datetime | None]
+    certificate_pem: Mapped[str | None] = mapped_column(Text)
+    certificate_thumbprint: Mapped[str | None] = mapped_column(String(64))
+    certificate_private_key: Mapped[str | None] = mapped_column(
+        EncryptedText("microsoft_app.certificate_private_key")
+    )
+    certificate_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Channel(Base):
+    """A connected Microsoft 365 mailbox: where mail is read from and replies are sent through."""
+
+    __tablename__ = "channels"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(EMAIL_LENGTH), unique=True)
+    display_name: Mapped[str] = mapped_column(String(200), default="")
+    transport: Mapped[Transport] = mapped_column(_enum(Transport, "channel_transport"), default=Transport.IMAP)
+    status: Mapped[ChannelStatus] = mapped_column(
+        _enum(ChannelStatus, "channel_status"), default=ChannelStatus.OK
+    )
+    group_id: Mapped[int | None] = mapped_column(ForeignKey("groups.id", ondelete="SET NULL"))
+    microsoft_app_id: Mapped[int | None] = mapped_column(ForeignKey("microsoft_apps.id", ondelete="SET NULL"))
+    tenant_id: Mapped[str | None] = mapped_column(String(64))
+    # The identity that signed in; re-authentication must be by the same one.
+    account_oid: Mapped[str | None] = mapped_column(String(64))
+    account_username: Mapped[str | None] = mapped_column(String(EMAIL_LENGTH))
+    token_cache: Mapped[str | None] = mapped_column(EncryptedText("channel.token_cache"))
+    folder: Mapped[str] = mapped_column(String(255), default="INBOX")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    connected_at: Mapped[datetime | None]
+    last_fetch_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[datetime | None]
+
+    group: Mapped[Group | None] = relationship()
+    microsoft_app: Mapped[MicrosoftApp | None] = relationship()
+
+
+class ChannelEvent(Base):
+    """The audit trail of a channel: connected, re-authenticated, disabled, errors — by whom and when."""
+
+    __tablename__ = "channel_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    channel_id: Mapped[int] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    message: Mapped[str] = mapped_column(Text, default="")
+    actor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    actor: Mapped[User | None] = relationship()
+
+
+class WebSession(Base):
+    """A signed-in browser. The cookie holds a random token; only its SHA-256 is stored here."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    user: Mapped[User] = relationship()
+
+
+class OAuthFlow(Base):
+    """A sign-in with Microsoft in progress; single use, bound to the admin's web session."""
+
+    __tablename__ = "oauth_flows"
+    __table_args__ = (UniqueConstraint("state"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    state: Mapped[str] = mapped_column(String(128))
+    web_session_id: Mapped[str] = mapped_column(ForeignKey("web_sessions.id", ondelete="CASCADE"))
+    purpose: Mapped[str] = mapped_column(String(24))
+    channel_id: Mapped[int | None] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"))
+    # MSAL's flow dict: holds the PKCE code_verifier and nonce, hence encrypted.
+    flow: Mapped[str] = mapped_column(EncryptedText("oauth_flow.flow"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    used_at: Mapped[datetime | None]

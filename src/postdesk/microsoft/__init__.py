@@ -1,0 +1,1 @@
+"""Microsoft identity platform: clouds, app registration, sign-in flows, tokens and error explanations."""

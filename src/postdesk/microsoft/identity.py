@@ -1,0 +1,121 @@
+"""Microsoft identity platform access through MSAL, the way Microsoft designed it.
+
+One ``MicrosoftIdentity`` per app registration holds the credential, the authority and MSAL's HTTP
+session and metadata cache; each mailbox (channel) has its own serialised token cache, handed to a
+short-lived ``ConfidentialClientApplication`` per operation (MSAL's pattern for web apps). MSAL gets a
+``requests.Session`` that ignores REQUESTS_CA_BUNDLE and trusts exactly the system CAs plus
+POSTDESK_CA_BUNDLE (MSAL's own ``verify=`` is overridden by that variable).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msal
+import requests
+
+from postdesk.config import Settings
+from postdesk.db.models import MicrosoftApp
+from postdesk.microsoft.clouds import Endpoints, endpoints_for
+
+log = logging.getLogger(__name__)
+
+OIDC_SCOPES = ("openid", "profile", "email", "offline_access")
+HTTP_TIMEOUT = 30
+
+
+class NotConfigured(Exception):
+    """No Microsoft 365 app registration has been entered yet."""
+
+
+def trust_store(settings: Settings) -> str | bool:
+    """The CA file for outbound TLS: the system store plus POSTDESK_CA_BUNDLE, merged into one file."""
+    if settings.ca_bundle is None:
+        return True
+    system = ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
+    merged = settings.data_dir / "trusted-cas.pem"
+    parts = [Path(system).read_text(encoding="utf-8") if Path(system).is_file() else "",
+             settings.ca_bundle.read_text(encoding="utf-8")]
+    content = "\n".join(parts)
+    if not merged.is_file() or merged.read_text(encoding="utf-8") != content:
+        with tempfile.NamedTemporaryFile("w", dir=settings.data_dir, delete=False, encoding="utf-8") as handle:
+            handle.write(content)
+        Path(handle.name).replace(merged)
+    return str(merged)
+
+
+def http_session(settings: Settings) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # REQUESTS_CA_BUNDLE / proxies from the environment would override verify
+    session.verify = trust_store(settings)
+    return session
+
+
+@dataclass(frozen=True)
+class SignedInAccount:
+    """Who signed in, from the checked id_token."""
+
+    oid: str
+    tenant_id: str
+    username: str
+    display_name: str
+
+
+class MicrosoftIdentity:
+    def __init__(self, settings: Settings, registration: MicrosoftApp) -> None:
+        self.settings = settings
+        self.registration = registration
+        self.endpoints: Endpoints = endpoints_for(settings, registration.cloud)
+        self.authority = f"{self.endpoints.login_url}/{registration.tenant}"
+        self._http = http_session(settings)
+        self._http_cache: dict[Any, Any] = {}
+
+    @property
+    def scopes(self) -> list[str]:
+        return self.endpoints.outlook_scopes
+
+    def _credential(self) -> str | dict[str, str]:
+        app = self.registration
+        if app.certificate_private_key and app.certificate_thumbprint:
+            return {"private_key": app.certificate_private_key, "thumbprint": app.certificate_thumbprint}
+        if app.client_secret:
+            return app.client_secret
+        raise NotConfigured("the app registration has neither a client secret nor a certificate")
+
+    def client(self, cache: msal.SerializableTokenCache | None = None) -> msal.ConfidentialClientApplication:
+        custom_host = self.settings.microsoft_login_url is not None
+        return msal.ConfidentialClientApplication(
+            self.registration.client_id,
+            client_credential=self._credential(),
+            authority=self.authority,
+            token_cache=cache,
+            http_client=self._http,
+            http_cache=self._http_cache,
+            timeout=HTTP_TIMEOUT,
+            # Instance discovery asks login.microsoftonline.com about the host; pointless (and
+            # impossible offline) for a configured identity host.
+            instance_discovery=False if custom_host else None,
+        )
+
+    def openid_configuration(self) -> Mapping[str, Any]:
+        url = f"{self.authority}/v2.0/.well-known/openid-configuration"
+        response = self._http.get(url, timeout=HTTP_TIMEOUT)
+        response.raise_for_status()
+        document: Mapping[str, Any] = response.json()
+        return document
+
+    def expected_issuer(self, tenant_id: str) -> str:
+        return f"{self.endpoints.login_url}/{tenant_id}/v2.0"
+
+
+def load_cache(serialized: str | None) -> msal.SerializableTokenCache:
+    cache = msal.SerializableTokenCache()
+    if serialized:
+        cache.deserialize(serialized)
+    return cache

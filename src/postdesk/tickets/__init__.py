@@ -1,0 +1,1 @@
+"""The help-desk domain: tickets, articles, customers, groups, agents and their states."""

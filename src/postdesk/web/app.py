@@ -1,0 +1,97 @@
+"""The FastAPI application: middleware, error pages and routers."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from postdesk import __version__
+from postdesk.runtime import Runtime
+from postdesk.security.csrf import CSRF_COOKIE, new_seed
+from postdesk.web.deps import LoginRequired, csrf_protect
+from postdesk.web.routes import auth, health, microsoft365, pages, tickets
+from postdesk.web.templating import render
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+# No inline script or style anywhere: mail HTML is the most hostile content a help desk shows.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "frame-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'"
+)
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    app = FastAPI(
+        title="Postdesk",
+        version=__version__,
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+        dependencies=[Depends(csrf_protect)],
+    )
+    app.state.runtime = runtime
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    for module in (health, auth, tickets, pages, microsoft365):
+        app.include_router(module.router)
+    _install_middleware(app, runtime)
+    _install_error_pages(app)
+    return app
+
+
+def _install_middleware(app: FastAPI, runtime: Runtime) -> None:
+    secure = runtime.settings.uses_https
+
+    @app.middleware("http")
+    async def browser_protections(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        seed = request.cookies.get(CSRF_COOKIE)
+        request.state.csrf_seed = seed or new_seed()
+        response = await call_next(request)
+        if getattr(request.state, "rotate_csrf", False) or not seed:
+            response.set_cookie(CSRF_COOKIE, request.state.csrf_seed, httponly=True, secure=secure,
+                                samesite="lax", path="/")
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        if secure:
+            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+        return response
+
+
+def _install_error_pages(app: FastAPI) -> None:
+    @app.exception_handler(LoginRequired)
+    async def login_redirect(request: Request, _exc: LoginRequired) -> Response:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if request.headers.get("hx-request"):
+            return Response(status_code=401, headers={"HX-Redirect": "/login"})
+        return RedirectResponse(f"/login?next={_quote(target)}", status_code=303)
+
+    @app.exception_handler(HTTPException)
+    async def error_page(request: Request, exc: HTTPException) -> Response:
+        if request.url.path.startswith("/api/") or request.url.path == "/healthz":
+            return await http_exception_handler(request, exc)
+        return render(request, "error.html", {"status": exc.status_code, "message": exc.detail},
+                      status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, _exc: Exception) -> Response:
+        # The traceback goes to the log (redacted); the browser gets no internals.
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": "Internal error; the server log has the details."}, status_code=500)
+        return render(request, "error.html",
+                      {"status": 500, "message": "Something went wrong on our side; the server log has the details."},
+                      status_code=500)
+
+
+def _quote(path: str) -> str:
+    from urllib.parse import quote
+
+    return quote(path, safe="/")

@@ -1,0 +1,61 @@
+"""Signing in and out of the web UI."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import RedirectResponse, Response
+
+from postdesk.security.csrf import new_seed
+from postdesk.tickets.people import authenticate
+from postdesk.web.deps import RuntimeDep, SessionDep, WebSessionDep, safe_next
+from postdesk.web.sessions import ABSOLUTE_LIFETIME, SESSION_COOKIE, end_session, start_session
+from postdesk.web.templating import render
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/login")
+def login_page(request: Request, web_session: WebSessionDep, next: str | None = None) -> Response:  # noqa: A002
+    if web_session is not None:
+        return RedirectResponse(safe_next(next), status_code=303)
+    return render(request, "login.html", {"next": safe_next(next), "email": "", "error": None})
+
+
+@router.post("/login")
+def login(
+    request: Request,
+    db: SessionDep,
+    runtime: RuntimeDep,
+    email: Annotated[str, Form()],
+    password: Annotated[str, Form()],
+    next: Annotated[str, Form()] = "/tickets",  # noqa: A002
+) -> Response:
+    result = authenticate(db, email=email, password=password)
+    if result.user is None:
+        db.commit()  # keep the failed-attempt count
+        return render(request, "login.html", {"next": safe_next(next), "email": email, "error": result.reason},
+                      status_code=401)
+    token = start_session(db, result.user)
+    db.commit()
+    response = RedirectResponse(safe_next(next), status_code=303)
+    response.set_cookie(SESSION_COOKIE, token, max_age=int(ABSOLUTE_LIFETIME.total_seconds()), httponly=True,
+                        secure=runtime.settings.uses_https, samesite="lax", path="/")
+    _rotate_csrf(request)
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, db: SessionDep) -> Response:
+    end_session(db, request.cookies.get(SESSION_COOKIE))
+    db.commit()
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    _rotate_csrf(request)
+    return response
+
+
+def _rotate_csrf(request: Request) -> None:
+    request.state.csrf_seed = new_seed()
+    request.state.rotate_csrf = True

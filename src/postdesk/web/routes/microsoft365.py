@@ -1,0 +1,288 @@
+"""Channels › Microsoft 365: the app registration, adding mailboxes, and the OAuth callback."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi.responses import RedirectResponse, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from postdesk.db.models import Channel, ChannelEvent, ChannelStatus, MicrosoftApp, User
+from postdesk.db.types import utcnow
+from postdesk.microsoft.certificates import certificate_der, generate_certificate
+from postdesk.microsoft.clouds import CLOUDS
+from postdesk.microsoft.connect import (
+    SignInError,
+    begin_admin_consent,
+    begin_sign_in,
+    claim_flow,
+    complete_sign_in,
+    current_registration,
+    identity_failure,
+)
+from postdesk.microsoft.errors import IdentityError
+from postdesk.microsoft.identity import MicrosoftIdentity
+from postdesk.microsoft.registration import (
+    ACCOUNT_TYPES,
+    REQUIRED_DELEGATED_PERMISSIONS,
+    admin_consent_url,
+    normalise_tenant,
+    validate_app_registration,
+)
+from postdesk.web.deps import CurrentAdmin, RuntimeDep, SessionDep, WebSessionDep
+from postdesk.web.sessions import SESSION_COOKIE, session_id_for
+from postdesk.web.templating import render
+
+router = APIRouter(include_in_schema=False)
+
+NOTICES = {
+    "app-saved": "The app registration was saved. You can now add mailboxes.",
+    "certificate": "A new certificate was generated. Download it and upload it to the app registration.",
+    "connected": "The mailbox is connected.",
+    "reauthenticated": "The mailbox was re-authenticated; mail continues with the new sign-in.",
+    "enabled": "The mailbox is enabled.",
+    "disabled": "The mailbox is disabled; Postdesk no longer reads it or sends from it.",
+    "deleted": "The mailbox was removed from Postdesk. Its tickets stay.",
+    "consented": "Admin consent was granted for your organisation.",
+}
+
+
+def _web_session_id(request: Request) -> str:
+    token = request.cookies.get(SESSION_COOKIE)
+    if not token:
+        raise HTTPException(status_code=401, detail="Sign in again.")
+    return session_id_for(token)
+
+
+def channels_page(request: Request, db: Session, runtime: Any, admin: User, *, status_code: int = 200,
+                  **extra: Any) -> Response:
+    registration = current_registration(db)
+    settings = runtime.settings
+    consent_url = None
+    if registration is not None:
+        consent_url = "/channels/microsoft365/admin-consent"
+    context: dict[str, Any] = {
+        "section": "channels",
+        "user": admin,
+        "registration": registration,
+        "channels": db.scalars(select(Channel).order_by(Channel.email)).all(),
+        "callback_url": settings.oauth_redirect_uri,
+        "permissions": REQUIRED_DELEGATED_PERMISSIONS,
+        "account_types": ACCOUNT_TYPES,
+        "clouds": CLOUDS,
+        "consent_url": consent_url,
+        "notice": NOTICES.get(request.query_params.get("notice", "")),
+        "problems": [],
+        "form": None,
+        "sign_in_error": None,
+    }
+    context.update(extra)
+    return render(request, "channels/list.html", context, status_code=status_code)
+
+
+@router.get("/channels")
+def channels(request: Request, db: SessionDep, runtime: RuntimeDep, admin: CurrentAdmin) -> Response:
+    return channels_page(request, db, runtime, admin)
+
+
+@router.post("/channels/microsoft365/app")
+def save_app(
+    request: Request,
+    db: SessionDep,
+    runtime: RuntimeDep,
+    admin: CurrentAdmin,
+    client_id: Annotated[str, Form()] = "",
+    tenant: Annotated[str, Form()] = "",
+    client_secret: Annotated[str, Form()] = "",
+    secret_expires: Annotated[str, Form()] = "",
+    cloud: Annotated[str, Form()] = "global",
+    account_types: Annotated[str, Form()] = "single",
+) -> Response:
+    registration = current_registration(db)
+    form = {"client_id": client_id.strip(), "tenant": tenant, "secret_expires": secret_expires, "cloud": cloud,
+            "account_types": account_types}
+    keeps_secret = not client_secret and registration is not None and bool(registration.client_secret)
+    has_certificate = registration is not None and bool(registration.certificate_private_key)
+    problems = validate_app_registration(
+        client_id=client_id.strip(), tenant=tenant, client_secret=client_secret or None if not keeps_secret else "kept",
+        has_certificate=has_certificate or keeps_secret, cloud=cloud, base_url=runtime.settings.base_url,
+        account_types=account_types,  # type: ignore[arg-type]
+    )
+    expires_at, date_problem = _parse_date(secret_expires)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors or date_problem:
+        return channels_page(request, db, runtime, admin, status_code=422, problems=problems, form=form,
+                             date_problem=date_problem)
+    registration = registration or MicrosoftApp()
+    registration.client_id = client_id.strip().lower()
+    registration.tenant = normalise_tenant(tenant) or "common"
+    registration.cloud = cloud
+    registration.account_types = account_types
+    if client_secret:
+        registration.client_secret = client_secret.strip()
+    if client_secret or secret_expires:
+        registration.client_secret_expires_at = expires_at
+    registration.updated_at = utcnow()
+    db.add(registration)
+    db.commit()
+    warnings = [p for p in problems if p.severity == "warning"]
+    if warnings:
+        return channels_page(request, db, runtime, admin, problems=warnings,
+                             notice=NOTICES["app-saved"])
+    return RedirectResponse("/channels?notice=app-saved", status_code=303)
+
+
+def _parse_date(value: str) -> tuple[datetime | None, str | None]:
+    if not value.strip():
+        return None, None
+    try:
+        parsed = datetime.strptime(value.strip(), "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        return None, "Enter the secret's expiry date as shown in the Azure portal, as YYYY-MM-DD."
+    return parsed, None
+
+
+@router.post("/channels/microsoft365/certificate")
+def create_certificate(db: SessionDep, runtime: RuntimeDep, admin: CurrentAdmin) -> Response:
+    registration = current_registration(db)
+    if registration is None:
+        raise HTTPException(status_code=409, detail="Save the app registration first.")
+    host = runtime.settings.base_url.split("://", 1)[1].split("/")[0]
+    generated = generate_certificate(f"Postdesk {host}")
+    registration.certificate_pem = generated.certificate_pem
+    registration.certificate_private_key = generated.private_key_pem
+    registration.certificate_thumbprint = generated.thumbprint
+    registration.certificate_expires_at = generated.expires_at
+    registration.updated_at = utcnow()
+    db.commit()
+    return RedirectResponse("/channels?notice=certificate", status_code=303)
+
+
+@router.get("/channels/microsoft365/certificate.cer")
+def download_certificate(db: SessionDep, admin: CurrentAdmin) -> Response:
+    registration = current_registration(db)
+    if registration is None or not registration.certificate_pem:
+        raise HTTPException(status_code=404, detail="No certificate has been generated yet.")
+    return Response(certificate_der(registration.certificate_pem), media_type="application/pkix-cert",
+                    headers={"Content-Disposition": 'attachment; filename="postdesk.cer"'})
+
+
+@router.get("/channels/microsoft365/admin-consent")
+def admin_consent(request: Request, db: SessionDep, runtime: RuntimeDep, admin: CurrentAdmin) -> Response:
+    registration = current_registration(db)
+    if registration is None:
+        raise HTTPException(status_code=409, detail="Save the app registration first.")
+    identity = MicrosoftIdentity(runtime.settings, registration)
+    state = begin_admin_consent(db, web_session_id=_web_session_id(request))
+    db.commit()
+    url = admin_consent_url(login_url=identity.endpoints.login_url, tenant=registration.tenant,
+                            client_id=registration.client_id, redirect_uri=runtime.settings.oauth_redirect_uri,
+                            state=state)
+    return RedirectResponse(url, status_code=302)
+
+
+@router.get("/auth/microsoft365/start")
+def start_sign_in(
+    request: Request,
+    db: SessionDep,
+    runtime: RuntimeDep,
+    admin: CurrentAdmin,
+    channel: int | None = None,
+    login_hint: str | None = None,
+) -> Response:
+    registration = current_registration(db)
+    if registration is None:
+        raise HTTPException(status_code=409, detail="Connect the Microsoft 365 app first (Channels › Microsoft 365 app).")
+    target = db.get(Channel, channel) if channel is not None else None
+    if channel is not None and target is None:
+        raise HTTPException(status_code=404, detail="That mailbox no longer exists.")
+    identity = MicrosoftIdentity(runtime.settings, registration)
+    try:
+        pending = begin_sign_in(db, identity, web_session_id=_web_session_id(request),
+                                purpose="reauth" if target else "connect", channel=target, login_hint=login_hint)
+    except (ValueError, OSError) as exc:
+        return channels_page(request, db, runtime, admin, status_code=502, sign_in_error=SignInError(
+            "Microsoft's sign-in service could not be reached",
+            f"Postdesk could not read the sign-in configuration for tenant {registration.tenant}: {exc}. "
+            "Check the Directory (tenant) ID and that this server can reach the identity platform."))
+    db.commit()
+    return RedirectResponse(pending.auth_uri, status_code=302)
+
+
+@router.get("/auth/microsoft365/callback")
+def callback(request: Request, db: SessionDep, runtime: RuntimeDep, admin: CurrentAdmin,
+             web_session: WebSessionDep) -> Response:
+    params = dict(request.query_params)
+    registration = current_registration(db)
+    try:
+        if registration is None or web_session is None:
+            raise SignInError("No sign-in in progress", "Connect the Microsoft 365 app first.")
+        flow_row = claim_flow(db, state=params.get("state"), web_session_id=web_session.id)
+        db.commit()  # the flow is spent even if what follows fails: no replay
+        if flow_row.purpose == "admin_consent":
+            return _admin_consent_result(request, db, runtime, admin, params)
+        identity = MicrosoftIdentity(runtime.settings, registration)
+        result = complete_sign_in(db, identity, flow_row=flow_row, params=params, actor=admin)
+    except SignInError as failure:
+        db.rollback()
+        return channels_page(request, db, runtime, admin, status_code=400, sign_in_error=failure)
+    db.commit()
+    notice = "reauthenticated" if result.purpose == "reauth" or not result.created else "connected"
+    return RedirectResponse(f"/channels?notice={notice}#channel-{result.channel.id}", status_code=303)
+
+
+def _admin_consent_result(request: Request, db: Session, runtime: Any, admin: User,
+                          params: dict[str, str]) -> Response:
+    registration = current_registration(db)
+    if params.get("error") and registration is not None:
+        identity = MicrosoftIdentity(runtime.settings, registration)
+        raise identity_failure(IdentityError.from_redirect(params), identity)
+    return RedirectResponse("/channels?notice=consented", status_code=303)
+
+
+def _channel_or_404(db: Session, channel_id: int) -> Channel:
+    channel = db.get(Channel, channel_id)
+    if channel is None:
+        raise HTTPException(status_code=404, detail="That mailbox no longer exists.")
+    return channel
+
+
+@router.post("/channels/{channel_id}/enable")
+def enable_channel(channel_id: int, db: SessionDep, admin: CurrentAdmin) -> Response:
+    channel = _channel_or_404(db, channel_id)
+    channel.status = ChannelStatus.OK
+    db.add(ChannelEvent(channel_id=channel.id, kind="enabled", actor_id=admin.id, message="Enabled."))
+    db.commit()
+    return RedirectResponse("/channels?notice=enabled", status_code=303)
+
+
+@router.post("/channels/{channel_id}/disable")
+def disable_channel(channel_id: int, db: SessionDep, admin: CurrentAdmin) -> Response:
+    channel = _channel_or_404(db, channel_id)
+    channel.status = ChannelStatus.DISABLED
+    db.add(ChannelEvent(channel_id=channel.id, kind="disabled", actor_id=admin.id, message="Disabled."))
+    db.commit()
+    return RedirectResponse("/channels?notice=disabled", status_code=303)
+
+
+@router.post("/channels/{channel_id}/delete")
+def delete_channel(channel_id: int, db: SessionDep, admin: CurrentAdmin,
+                   confirm: Annotated[str, Form()] = "") -> Response:
+    channel = _channel_or_404(db, channel_id)
+    if confirm.strip().lower() != channel.email.lower():
+        raise HTTPException(status_code=422, detail=f"To delete, type the mailbox address {channel.email} to confirm.")
+    db.delete(channel)
+    db.commit()
+    return RedirectResponse("/channels?notice=deleted", status_code=303)
+
+
+@router.get("/channels/{channel_id}")
+def channel_detail(request: Request, channel_id: int, db: SessionDep, admin: CurrentAdmin) -> Response:
+    channel = _channel_or_404(db, channel_id)
+    events = db.scalars(select(ChannelEvent).where(ChannelEvent.channel_id == channel.id)
+                        .order_by(ChannelEvent.created_at.desc(), ChannelEvent.id.desc()).limit(200)).all()
+    return render(request, "channels/detail.html",
+                  {"section": "channels", "user": admin, "channel": channel, "events": events})

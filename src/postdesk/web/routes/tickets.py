@@ -1,0 +1,92 @@
+"""The agent's ticket list and ticket view."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, HTTPException, Query, Request
+from fastapi.responses import RedirectResponse, Response
+from sqlalchemy import select
+
+from postdesk.db.models import Channel, Direction, Group, TicketState, User
+from postdesk.tickets.service import NewArticle, SortKey, TicketFilter, add_article, change_state, get_ticket, list_tickets
+from postdesk.web.deps import CurrentUser, SessionDep
+from postdesk.web.templating import render
+
+router = APIRouter(include_in_schema=False)
+
+STATE_LABELS = {
+    TicketState.NEW: "New",
+    TicketState.OPEN: "Open",
+    TicketState.PENDING_REMINDER: "Pending reminder",
+    TicketState.CLOSED: "Closed",
+}
+
+
+@router.get("/")
+def home() -> Response:
+    return RedirectResponse("/tickets", status_code=303)
+
+
+@router.get("/tickets")
+def ticket_list(
+    request: Request,
+    db: SessionDep,
+    user: CurrentUser,
+    state: Annotated[list[TicketState], Query()] = [],  # noqa: B006 - FastAPI reads, never mutates
+    group: int | None = None,
+    owner: int | None = None,
+    channel: int | None = None,
+    q: str = "",
+    sort: SortKey = "updated",
+    order: str = "desc",
+    page: Annotated[int, Query(ge=1)] = 1,
+) -> Response:
+    spec = TicketFilter(states=tuple(state), group_id=group, owner_id=owner, channel_id=channel, search=q,
+                        sort=sort, descending=order != "asc", page=page)
+    result = list_tickets(db, spec, viewer=user)
+    context = {
+        "section": "tickets",
+        "user": user,
+        "result": result,
+        "state_labels": STATE_LABELS,
+        "groups": db.scalars(select(Group).order_by(Group.name)).all(),
+        "agents": db.scalars(select(User).where(User.is_active).order_by(User.display_name)).all(),
+        "channels": db.scalars(select(Channel).order_by(Channel.email)).all(),
+    }
+    template = "tickets/_results.html" if request.headers.get("hx-request") else "tickets/list.html"
+    return render(request, template, context)
+
+
+@router.get("/tickets/{number}")
+def ticket_view(request: Request, number: int, db: SessionDep, user: CurrentUser) -> Response:
+    ticket = get_ticket(db, number, viewer=user)
+    if ticket is None:
+        raise HTTPException(status_code=404, detail=f"There is no ticket #{number}, or you cannot see it.")
+    return render(request, "tickets/view.html",
+                  {"section": "tickets", "user": user, "ticket": ticket, "state_labels": STATE_LABELS})
+
+
+@router.post("/tickets/{number}/state")
+def ticket_change_state(
+    number: int, db: SessionDep, user: CurrentUser, state: Annotated[TicketState, Form()]
+) -> Response:
+    ticket = get_ticket(db, number, viewer=user)
+    if ticket is None:
+        raise HTTPException(status_code=404, detail=f"There is no ticket #{number}, or you cannot see it.")
+    change_state(ticket, state)
+    db.commit()
+    return RedirectResponse(f"/tickets/{number}", status_code=303)
+
+
+@router.post("/tickets/{number}/notes")
+def ticket_add_note(number: int, db: SessionDep, user: CurrentUser, body: Annotated[str, Form()]) -> Response:
+    ticket = get_ticket(db, number, viewer=user)
+    if ticket is None:
+        raise HTTPException(status_code=404, detail=f"There is no ticket #{number}, or you cannot see it.")
+    if not body.strip():
+        raise HTTPException(status_code=422, detail="The note is empty.")
+    add_article(db, ticket, NewArticle(direction=Direction.OUTBOUND, internal=True, body_text=body.strip(),
+                                       sender=user.display_name, author=user))
+    db.commit()
+    return RedirectResponse(f"/tickets/{number}#article-{ticket.articles[-1].id}", status_code=303)

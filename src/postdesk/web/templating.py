@@ -1,0 +1,30 @@
+"""Jinja2 templates with the globals every page needs (CSRF token, the signed-in user, flash)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.templating import Jinja2Templates
+from starlette.responses import HTMLResponse
+
+from postdesk import __version__
+from postdesk.runtime import Runtime
+from postdesk.security.csrf import CSRF_FIELD, token_for
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
+templates.env.globals["postdesk_version"] = __version__
+templates.env.globals["csrf_field_name"] = CSRF_FIELD
+
+
+def csrf_token(request: Request) -> str:
+    runtime: Runtime = request.app.state.runtime
+    return token_for(runtime.secret_box, request.state.csrf_seed)
+
+
+def render(request: Request, name: str, context: dict[str, Any] | None = None, *, status_code: int = 200) -> HTMLResponse:
+    values = {"csrf_token": csrf_token(request), "user": None, "section": None}
+    values.update(context or {})
+    return templates.TemplateResponse(request, name, values, status_code=status_code)

@@ -1,0 +1,1 @@
+"""Test helpers: real servers (PostgreSQL, the web app, Chromium) started for the suite."""
