@@ -99,6 +99,9 @@ def csrf_from(html: str) -> str:
 
 def sign_in(client: TestClient, email: str, password: str) -> None:
     page = client.get("/login")
-    response = client.post("/login", data={"email": email, "password": password,
-                                           "csrf_token": csrf_from(page.text)}, follow_redirects=False)
+    response = client.post(
+        "/login",
+        data={"email": email, "password": password, "csrf_token": csrf_from(page.text)},
+        follow_redirects=False,
+    )
     assert response.status_code == 303, response.text

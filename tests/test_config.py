@@ -40,8 +40,9 @@ def test_it_reads_the_secret_key_from_a_file(monkeypatch: pytest.MonkeyPatch, tm
     assert settings.secret_key.get_secret_value() == "k" * 40
 
 
-def test_it_refuses_a_secret_given_both_directly_and_as_a_file(monkeypatch: pytest.MonkeyPatch,
-                                                                tmp_path: Path) -> None:
+def test_it_refuses_a_secret_given_both_directly_and_as_a_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     (tmp_path / "key").write_text("k" * 40)
     monkeypatch.setenv("POSTDESK_SECRET_KEY_FILE", str(tmp_path / "key"))
     monkeypatch.setenv("POSTDESK_SECRET_KEY", "k" * 40)
@@ -66,8 +67,9 @@ def test_it_names_an_unreadable_secret_file(monkeypatch: pytest.MonkeyPatch, tmp
         ("POSTDESK_SECRET_KEY", "short", "at least 32 characters"),
     ],
 )
-def test_it_fails_fast_naming_the_bad_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str,
-                                               message: str) -> None:
+def test_it_fails_fast_naming_the_bad_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError) as raised:
         load_settings()

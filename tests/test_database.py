@@ -22,10 +22,14 @@ from postdesk.tickets.service import (
 )
 
 
-def _make_ticket(runtime: Runtime, title: str, customer: str = "customer@example.org", group: str | None = None) -> int:
+def _make_ticket(
+    runtime: Runtime, title: str, customer: str = "customer@example.org", group: str | None = None
+) -> int:
     with transaction(runtime.sessions) as session:
         ticket = create_ticket(
-            session, title=title, customer=get_or_create_customer(session, customer),
+            session,
+            title=title,
+            customer=get_or_create_customer(session, customer),
             group=get_or_create_group(session, group) if group else None,
             first_article=NewArticle(direction=Direction.INBOUND, body_text="hello"),
         )
@@ -60,13 +64,17 @@ def test_listing_filters_searches_sorts_and_pages(db_runtime: Runtime) -> None:
         _make_ticket(db_runtime, f"Order {i}", customer=f"buyer{i}@example.org")
     _make_ticket(db_runtime, "100% off coupon_code", customer="odd@example.org")
     with db_runtime.sessions() as session:
-        page = list_tickets(session, TicketFilter(search="order", sort="number", descending=False, per_page=3, page=2))
+        page = list_tickets(
+            session, TicketFilter(search="order", sort="number", descending=False, per_page=3, page=2)
+        )
         assert [t.title for t in page.tickets] == ["Order 3", "Order 4", "Order 5"]
         assert (page.total, page.pages) == (7, 3)
         assert page.article_counts == {t.id: 1 for t in page.tickets}
         assert [t.title for t in list_tickets(session, TicketFilter(search="buyer6@")).tickets] == ["Order 6"]
         # LIKE wildcards in the search term are taken literally.
-        assert [t.title for t in list_tickets(session, TicketFilter(search="100%")).tickets] == ["100% off coupon_code"]
+        assert [t.title for t in list_tickets(session, TicketFilter(search="100%")).tickets] == [
+            "100% off coupon_code"
+        ]
         assert list_tickets(session, TicketFilter(search="_")).total == 1
         by_number = list_tickets(session, TicketFilter(search=f"#{FIRST_TICKET_NUMBER + 1}")).tickets
         assert [t.title for t in by_number] == ["Order 1"]

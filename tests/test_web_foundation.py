@@ -12,12 +12,18 @@ from postdesk.tickets.service import NewArticle, create_ticket, get_or_create_cu
 from tests.conftest import ADMIN_PASSWORD, AGENT_PASSWORD, add_user, csrf_from, sign_in
 
 
-def _ticket(runtime: Runtime, title: str, *, group: str | None = None, customer: str = "c@example.org") -> int:
+def _ticket(
+    runtime: Runtime, title: str, *, group: str | None = None, customer: str = "c@example.org"
+) -> int:
     with transaction(runtime.sessions) as session:
         ticket = create_ticket(
-            session, title=title, customer=get_or_create_customer(session, customer),
+            session,
+            title=title,
+            customer=get_or_create_customer(session, customer),
             group=get_or_create_group(session, group) if group else None,
-            first_article=NewArticle(direction=Direction.INBOUND, body_text=f"Body of {title}", sender=customer),
+            first_article=NewArticle(
+                direction=Direction.INBOUND, body_text=f"Body of {title}", sender=customer
+            ),
         )
         return ticket.number
 
@@ -36,8 +42,10 @@ def test_it_sends_anonymous_visitors_to_the_login_page_with_a_return_path(client
 
 def test_it_says_the_password_is_wrong_without_a_stack_trace(client: TestClient, admin: User) -> None:
     page = client.get("/login")
-    response = client.post("/login", data={"email": admin.email, "password": "not-the-password",
-                                           "csrf_token": csrf_from(page.text)})
+    response = client.post(
+        "/login",
+        data={"email": admin.email, "password": "not-the-password", "csrf_token": csrf_from(page.text)},
+    )
     assert response.status_code == 401
     assert "Wrong email address or password." in response.text
     assert "Traceback" not in response.text
@@ -54,7 +62,9 @@ def test_it_refuses_a_csrf_token_minted_for_another_browser(client: TestClient, 
     token = csrf_from(client.get("/login").text)
     client.cookies.clear()
     client.get("/login")  # a new browser: a new CSRF cookie
-    response = client.post("/login", data={"email": admin.email, "password": ADMIN_PASSWORD, "csrf_token": token})
+    response = client.post(
+        "/login", data={"email": admin.email, "password": ADMIN_PASSWORD, "csrf_token": token}
+    )
     assert response.status_code == 403
 
 
@@ -69,8 +79,11 @@ def test_it_signs_in_and_shows_the_ticket_list(client: TestClient, runtime: Runt
 
 def test_it_sets_session_cookies_httponly_and_samesite(client: TestClient, admin: User) -> None:
     page = client.get("/login")
-    response = client.post("/login", data={"email": admin.email, "password": ADMIN_PASSWORD,
-                                           "csrf_token": csrf_from(page.text)}, follow_redirects=False)
+    response = client.post(
+        "/login",
+        data={"email": admin.email, "password": ADMIN_PASSWORD, "csrf_token": csrf_from(page.text)},
+        follow_redirects=False,
+    )
     cookies = response.headers.get_list("set-cookie")
     session_cookie = next(c for c in cookies if c.startswith("postdesk_session="))
     assert "HttpOnly" in session_cookie
@@ -80,16 +93,26 @@ def test_it_sets_session_cookies_httponly_and_samesite(client: TestClient, admin
 def test_it_rotates_the_csrf_cookie_at_login(client: TestClient, admin: User) -> None:
     page = client.get("/login")
     before = client.cookies.get("postdesk_csrf")
-    client.post("/login", data={"email": admin.email, "password": ADMIN_PASSWORD,
-                                "csrf_token": csrf_from(page.text)}, follow_redirects=False)
+    client.post(
+        "/login",
+        data={"email": admin.email, "password": ADMIN_PASSWORD, "csrf_token": csrf_from(page.text)},
+        follow_redirects=False,
+    )
     assert client.cookies.get("postdesk_csrf") not in (None, before)
 
 
 def test_it_ignores_an_offsite_next_parameter(client: TestClient, admin: User) -> None:
     page = client.get("/login?next=//evil.example/phish")
-    response = client.post("/login", data={"email": admin.email, "password": ADMIN_PASSWORD,
-                                           "next": "//evil.example/phish", "csrf_token": csrf_from(page.text)},
-                           follow_redirects=False)
+    response = client.post(
+        "/login",
+        data={
+            "email": admin.email,
+            "password": ADMIN_PASSWORD,
+            "next": "//evil.example/phish",
+            "csrf_token": csrf_from(page.text),
+        },
+        follow_redirects=False,
+    )
     assert response.headers["location"] == "/tickets"
 
 
@@ -98,7 +121,9 @@ def test_it_locks_an_account_after_five_wrong_passwords(client: TestClient, admi
         token = csrf_from(client.get("/login").text)
         client.post("/login", data={"email": admin.email, "password": "wrong-password!", "csrf_token": token})
     token = csrf_from(client.get("/login").text)
-    response = client.post("/login", data={"email": admin.email, "password": ADMIN_PASSWORD, "csrf_token": token})
+    response = client.post(
+        "/login", data={"email": admin.email, "password": ADMIN_PASSWORD, "csrf_token": token}
+    )
     assert response.status_code == 401
     assert "Too many failed attempts" in response.text
 
@@ -117,13 +142,16 @@ def test_it_sends_a_strict_content_security_policy(client: TestClient) -> None:
     assert "frame-ancestors 'none'" in policy
 
 
-def test_it_shows_a_ticket_with_its_articles_and_adds_a_note(client: TestClient, runtime: Runtime,
-                                                             admin: User) -> None:
+def test_it_shows_a_ticket_with_its_articles_and_adds_a_note(
+    client: TestClient, runtime: Runtime, admin: User
+) -> None:
     number = _ticket(runtime, "VPN drops every hour")
     sign_in(client, admin.email, ADMIN_PASSWORD)
     page = client.get(f"/tickets/{number}")
     assert "Body of VPN drops every hour" in page.text
-    client.post(f"/tickets/{number}/notes", data={"body": "Asked for logs.", "csrf_token": csrf_from(page.text)})
+    client.post(
+        f"/tickets/{number}/notes", data={"body": "Asked for logs.", "csrf_token": csrf_from(page.text)}
+    )
     assert "Asked for logs." in client.get(f"/tickets/{number}").text
 
 
@@ -154,14 +182,23 @@ def test_it_keeps_admin_pages_from_agents(client: TestClient, runtime: Runtime) 
 def test_it_creates_a_user_from_the_users_page(client: TestClient, admin: User) -> None:
     sign_in(client, admin.email, ADMIN_PASSWORD)
     token = csrf_from(client.get("/users").text)
-    client.post("/users", data={"email": "new.agent@example.com", "password": "long-enough-password",
-                                "role": "agent", "csrf_token": token})
+    client.post(
+        "/users",
+        data={
+            "email": "new.agent@example.com",
+            "password": "long-enough-password",
+            "role": "agent",
+            "csrf_token": token,
+        },
+    )
     assert "new.agent@example.com" in client.get("/users").text
 
 
 def test_it_explains_why_a_short_password_is_refused(client: TestClient, admin: User) -> None:
     sign_in(client, admin.email, ADMIN_PASSWORD)
     token = csrf_from(client.get("/users").text)
-    response = client.post("/users", data={"email": "x@example.com", "password": "short", "csrf_token": token})
+    response = client.post(
+        "/users", data={"email": "x@example.com", "password": "short", "csrf_token": token}
+    )
     assert response.status_code == 422
     assert "at least 12 characters" in response.text

@@ -16,7 +16,7 @@ from postdesk.db.session import transaction
 from postdesk.db.types import utcnow
 from postdesk.microsoft.certificates import generate_certificate, load_certificate_and_key
 from postdesk.microsoft.connect import current_registration
-from postdesk.microsoft.registration import normalise_tenant, validate_app_registration
+from postdesk.microsoft.registration import normalise_tenant, parse_account_types, validate_app_registration
 
 microsoft365_app = typer.Typer(help="The Microsoft Entra ID app registration.", no_args_is_help=True)
 app_commands = typer.Typer(help="Set or show the app registration.", no_args_is_help=True)
@@ -34,10 +34,15 @@ def _read_secret(path: Path) -> str:
 @app_commands.command("set")
 def app_set(
     client_id: Annotated[str, typer.Option(help="Application (client) ID from the app's Overview page.")],
-    tenant: Annotated[str, typer.Option(help="Directory (tenant) ID or domain; 'organizations'/'common' for multitenant.")],
-    client_secret_file: Annotated[Path | None, typer.Option(help="File holding the client secret Value.")] = None,
+    tenant: Annotated[
+        str, typer.Option(help="Directory (tenant) ID or domain; 'organizations'/'common' for multitenant.")
+    ],
+    client_secret_file: Annotated[
+        Path | None, typer.Option(help="File holding the client secret Value.")
+    ] = None,
     certificate: Annotated[
-        str | None, typer.Option(help="'generate' for a new key pair, or a PEM file with certificate and private key.")
+        str | None,
+        typer.Option(help="'generate' for a new key pair, or a PEM file with certificate and private key."),
     ] = None,
     secret_expires: Annotated[str | None, typer.Option(help="The secret's expiry date (YYYY-MM-DD).")] = None,
     cloud: Annotated[str, typer.Option(help="global, usgov or china.")] = "global",
@@ -46,12 +51,20 @@ def app_set(
     """Store the app registration Postdesk signs in with (secret or certificate encrypted at rest)."""
     if (client_secret_file is None) == (certificate is None):
         fail("give exactly one of --client-secret-file FILE or --certificate (generate | FILE.pem)")
+    kinds = parse_account_types(account_types)
+    if kinds is None:
+        fail("--account-types must be single, multi or multi_personal")
     runtime = start()
     secret = _read_secret(client_secret_file) if client_secret_file else None
-    problems = validate_app_registration(client_id=client_id, tenant=tenant, client_secret=secret,
-                                         has_certificate=certificate is not None, cloud=cloud,
-                                         base_url=runtime.settings.base_url,
-                                         account_types=account_types)  # type: ignore[arg-type]
+    problems = validate_app_registration(
+        client_id=client_id,
+        tenant=tenant,
+        client_secret=secret,
+        has_certificate=certificate is not None,
+        cloud=cloud,
+        base_url=runtime.settings.base_url,
+        account_types=kinds,
+    )
     for problem in problems:
         (fail if problem.severity == "error" else _warn)(f"{problem.field}: {problem.message}")
     expires = _date(secret_expires)
@@ -60,7 +73,7 @@ def app_set(
         registration.client_id = client_id.strip().lower()
         registration.tenant = normalise_tenant(tenant)
         registration.cloud = cloud
-        registration.account_types = account_types
+        registration.account_types = kinds
         registration.updated_at = utcnow()
         if secret is not None:
             registration.client_secret = secret
@@ -89,7 +102,10 @@ def _apply_certificate(registration: MicrosoftApp, certificate: str, data_dir: P
         generated = generate_certificate("Postdesk")
         public = data_dir / "postdesk-app.cer.pem"
         public.write_text(generated.certificate_pem, encoding="ascii")
-        console.print(f"Upload {public} under Certificates & secrets › Certificates (thumbprint {generated.thumbprint}).")
+        console.print(
+            f"Upload {public} under Certificates & secrets › Certificates "
+            f"(thumbprint {generated.thumbprint})."
+        )
     else:
         try:
             generated = load_certificate_and_key(Path(certificate).read_text(encoding="ascii"))
@@ -107,8 +123,9 @@ def registration_json(registration: MicrosoftApp, redirect_uri: str) -> dict[str
         "tenant": registration.tenant,
         "cloud": registration.cloud,
         "account_types": registration.account_types,
-        "credential": "certificate" if registration.certificate_private_key else
-        ("secret" if registration.client_secret else None),
+        "credential": "certificate"
+        if registration.certificate_private_key
+        else ("secret" if registration.client_secret else None),
         "client_secret_expires_at": registration.client_secret_expires_at,
         "certificate_thumbprint": registration.certificate_thumbprint,
         "certificate_expires_at": registration.certificate_expires_at,
@@ -148,7 +165,9 @@ def channel_json(channel: Channel) -> dict[str, Any]:
 
 
 @app.command("list")
-def channel_list(json_output: Annotated[bool, typer.Option("--json", help="Print JSON (stable).")] = False) -> None:
+def channel_list(
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON (stable).")] = False,
+) -> None:
     """List connected mailboxes with their status."""
     runtime = start()
     with runtime.sessions() as session:
@@ -158,6 +177,12 @@ def channel_list(json_output: Annotated[bool, typer.Option("--json", help="Print
         return
     table = Table("ID", "Mailbox", "Transport", "Status", "Last fetch", "Last error")
     for row in rows:
-        table.add_row(str(row["id"]), row["email"], row["transport"], row["status"],
-                      str(row["last_fetch_at"] or "never"), row["last_error"] or "")
+        table.add_row(
+            str(row["id"]),
+            row["email"],
+            row["transport"],
+            row["status"],
+            str(row["last_fetch_at"] or "never"),
+            row["last_error"] or "",
+        )
     console.print(table if rows else "No mailboxes connected.")

@@ -8,7 +8,6 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
-
 from sqlalchemy.exc import OperationalError
 
 from postdesk.config import ConfigError, load_settings

@@ -8,19 +8,22 @@ from pathlib import Path
 from rich.panel import Panel
 
 from postdesk.cli.common import console
+from postdesk.cli.server import run_server
 from postdesk.config import Settings
 from postdesk.db.models import MicrosoftApp, Role
 from postdesk.db.session import transaction
 from postdesk.db.types import utcnow
 from postdesk.microsoft.connect import current_registration
 from postdesk.runtime import Runtime, bootstrap
-from postdesk.sandbox import SandboxDirectory, SandboxServer
+from postdesk.sandbox import CONTOSO_TENANT_ID, SandboxDirectory, SandboxServer
 from postdesk.security.passwords import hash_password
 from postdesk.security.redact import configure_logging
 from postdesk.tickets.people import create_user, find_user
 from postdesk.tickets.samples import seed_sample_tickets
 
 DEMO_ADMIN = "admin@example.com"
+# Fixed so that a restarted demo keeps the same app registration.
+DEMO_CLIENT_ID = "5a3f0c6e-8d1b-4c2a-9e7f-0b1d2c3e4f50"
 
 
 def _reset_admin(runtime: Runtime) -> str:
@@ -28,8 +31,9 @@ def _reset_admin(runtime: Runtime) -> str:
     with transaction(runtime.sessions) as session:
         admin = find_user(session, DEMO_ADMIN)
         if admin is None:
-            admin = create_user(session, email=DEMO_ADMIN, password=password, display_name="Demo Admin",
-                                role=Role.ADMIN)
+            admin = create_user(
+                session, email=DEMO_ADMIN, password=password, display_name="Demo Admin", role=Role.ADMIN
+            )
         admin.password_hash = hash_password(password)
         admin.failed_logins = 0
         admin.locked_until = None
@@ -39,13 +43,15 @@ def _reset_admin(runtime: Runtime) -> str:
 
 def _register_sandbox_app(runtime: Runtime, directory: SandboxDirectory) -> str:
     """Register Postdesk in the sandbox tenant and store it as the Microsoft 365 app, as an admin would."""
-    tenant = directory.default_tenant
-    registered, secret = directory.register_app(
+    tenant = directory.tenants[CONTOSO_TENANT_ID]
+    registered = directory.register_app(
         display_name="Postdesk demo",
+        client_id=DEMO_CLIENT_ID,
         home_tenant_id=tenant.tenant_id,
         redirect_uris=[runtime.settings.oauth_redirect_uri],
         sign_in_audience="AzureADMyOrg",
     )
+    secret = registered.client_secrets[0].value
     with transaction(runtime.sessions) as session:
         app = current_registration(session) or MicrosoftApp()
         app.client_id = registered.client_id
@@ -60,30 +66,37 @@ def _register_sandbox_app(runtime: Runtime, directory: SandboxDirectory) -> str:
 
 
 def run_demo(*, port: int, sandbox_port: int, data_dir: Path) -> None:
-    from postdesk.cli.main import run_server
-
     data_dir = data_dir.resolve()
     directory = SandboxDirectory.default()
     sandbox = SandboxServer(directory, state_dir=data_dir / "sandbox", port=sandbox_port)
     sandbox.start()
     try:
-        settings = Settings(data_dir=data_dir, base_url=f"http://127.0.0.1:{port}",
-                            microsoft_login_url=sandbox.base_url, ca_bundle=sandbox.ca_path)
+        settings = Settings(
+            data_dir=data_dir,
+            base_url=f"http://127.0.0.1:{port}",
+            microsoft_login_url=sandbox.base_url,
+            ca_bundle=sandbox.ca_path,
+        )
         runtime = bootstrap(settings, apply_migrations=True)
         configure_logging(settings.log_level)
         password = _reset_admin(runtime)
         tenant = _register_sandbox_app(runtime, directory)
-        users = ", ".join(user.upn for user in directory.users_of(directory.default_tenant.tenant_id))
-        console.print(Panel.fit(
-            f"Postdesk demo: [bold]http://127.0.0.1:{port}[/]\n\n"
-            f"Sign in as [bold]{DEMO_ADMIN}[/] with password [bold]{password}[/] (new on every start).\n\n"
-            f"A sandbox Microsoft 365 tenant ({tenant}) runs at {sandbox.base_url}.\n"
-            "To add a mailbox: Channels › Add account, then pick a sandbox user and accept.\n"
-            f"Sandbox users: {users}\n"
-            f"Your browser will warn about the sandbox's own certificate authority ({sandbox.ca_path});\n"
-            "accept it for 127.0.0.1, or import that file. Data lives in " + str(data_dir) + ".\n"
-            "Stop with Ctrl+C.",
-            title="Postdesk demo", border_style="green"))
+        users = ", ".join(user.upn for user in directory.users.values() if user.tenant_id == CONTOSO_TENANT_ID)
+        console.print(
+            Panel.fit(
+                f"Postdesk demo: [bold]http://127.0.0.1:{port}[/]\n\n"
+                f"Sign in as [bold]{DEMO_ADMIN}[/] with password [bold]{password}[/]"
+                " (new on every start).\n\n"
+                f"A sandbox Microsoft 365 tenant ({tenant}) runs at {sandbox.base_url}.\n"
+                "To add a mailbox: Channels › Add account, then pick a sandbox user and accept.\n"
+                f"Sandbox users: {users}\n"
+                f"Your browser will warn about the sandbox's own certificate authority ({sandbox.ca_path});\n"
+                "accept it for 127.0.0.1, or import that file. Data lives in " + str(data_dir) + ".\n"
+                "Stop with Ctrl+C.",
+                title="Postdesk demo",
+                border_style="green",
+            )
+        )
         run_server(runtime, host="127.0.0.1", port=port, with_worker=True)
     finally:
         sandbox.stop()

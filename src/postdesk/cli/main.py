@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import uvicorn
 
 from postdesk.cli import channels, tickets, users
 from postdesk.cli.common import console, start
+from postdesk.cli.demo import run_demo
+from postdesk.cli.server import run_server
 from postdesk.db import migrate
-from postdesk.runtime import Runtime
 from postdesk.worker.jobs import default_jobs
 from postdesk.worker.scheduler import Scheduler
 
@@ -30,29 +30,13 @@ app.add_typer(channels.microsoft365_app, name="microsoft365")
 app.add_typer(channels.app, name="channel")
 
 
-def run_server(runtime: Runtime, *, host: str, port: int, with_worker: bool) -> None:
-    """Serve the web UI; with_worker also runs the scheduler in a thread until the server stops."""
-    from postdesk.web.app import create_app
-
-    stop = threading.Event()
-    worker = threading.Thread(target=Scheduler(runtime, default_jobs()).run_until, args=(stop,),
-                              name="postdesk-worker", daemon=True)
-    if with_worker:
-        worker.start()
-    try:
-        uvicorn.run(create_app(runtime), host=host, port=port, log_config=None, proxy_headers=True,
-                    server_header=False)
-    finally:
-        stop.set()
-        if with_worker:
-            worker.join(timeout=30)
-
-
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8025,
-    worker: Annotated[bool, typer.Option("--worker/--no-worker", help="Also run the background worker.")] = True,
+    worker: Annotated[
+        bool, typer.Option("--worker/--no-worker", help="Also run the background worker.")
+    ] = True,
 ) -> None:
     """Run the web UI and API (and, unless --no-worker, the background worker). Applies migrations first."""
     runtime = start()
@@ -77,18 +61,20 @@ def db_upgrade() -> None:
     before = migrate.current_revision(runtime.engine)
     migrate.upgrade(runtime.engine)
     after = migrate.current_revision(runtime.engine)
-    console.print("Database already up to date." if before == after else f"Database upgraded: {before} → {after}.")
+    console.print(
+        "Database already up to date." if before == after else f"Database upgraded: {before} → {after}."
+    )
 
 
 @app.command()
 def demo(
     port: Annotated[int, typer.Option(help="Port for the web UI.")] = 8025,
-    sandbox_port: Annotated[int, typer.Option(help="Port for the sandbox Microsoft identity platform.")] = 8026,
+    sandbox_port: Annotated[
+        int, typer.Option(help="Port for the sandbox Microsoft identity platform.")
+    ] = 8026,
     data_dir: Annotated[Path, typer.Option(help="Where the demo keeps its data.")] = Path("postdesk-demo"),
 ) -> None:
     """Run Postdesk with sample tickets and a local Microsoft 365 sandbox, entirely offline."""
-    from postdesk.cli.demo import run_demo
-
     run_demo(port=port, sandbox_port=sandbox_port, data_dir=data_dir)
 
 

@@ -32,7 +32,9 @@ def ticket_json(ticket: Ticket, article_count: int) -> dict[str, Any]:
 @app.command("list")
 def list_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON (stable, for scripts).")] = False,
-    state: Annotated[list[TicketState] | None, typer.Option(help="Only tickets in this state (repeatable).")] = None,
+    state: Annotated[
+        list[TicketState] | None, typer.Option(help="Only tickets in this state (repeatable).")
+    ] = None,
     search: Annotated[str, typer.Option(help="Match number, subject or customer address.")] = "",
     limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many tickets.")] = 100,
 ) -> None:
@@ -46,6 +48,12 @@ def list_command(
         return
     table = Table("Number", "Title", "Customer", "State", "Articles", "Last activity")
     for row in rows:
-        table.add_row(str(row["number"]), row["title"], row["customer"], row["state"], str(row["articles"]),
-                      row["updated_at"][:16].replace("T", " "))
+        table.add_row(
+            str(row["number"]),
+            row["title"],
+            row["customer"],
+            row["state"],
+            str(row["articles"]),
+            row["updated_at"][:16].replace("T", " "),
+        )
     console.print(table if rows else "No tickets.")

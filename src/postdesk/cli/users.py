@@ -42,8 +42,13 @@ def create(
     password = _read_password(password_file)
     try:
         with transaction(runtime.sessions) as session:
-            user = create_user(session, email=email, password=password, display_name=name,
-                               role=Role.ADMIN if admin else Role.AGENT)
+            user = create_user(
+                session,
+                email=email,
+                password=password,
+                display_name=name,
+                role=Role.ADMIN if admin else Role.AGENT,
+            )
             created = f"Created {user.role.value} {user.email}."
     except PeopleError as exc:
         fail(str(exc))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     Boolean,
@@ -36,7 +37,7 @@ EMAIL_LENGTH = 320  # RFC 5321: 64 for the local part, 255 for the domain, and t
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime}
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
@@ -239,7 +240,9 @@ class Channel(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     email: Mapped[str] = mapped_column(String(EMAIL_LENGTH), unique=True)
     display_name: Mapped[str] = mapped_column(String(200), default="")
-    transport: Mapped[Transport] = mapped_column(_enum(Transport, "channel_transport"), default=Transport.IMAP)
+    transport: Mapped[Transport] = mapped_column(
+        _enum(Transport, "channel_transport"), default=Transport.IMAP
+    )
     status: Mapped[ChannelStatus] = mapped_column(
         _enum(ChannelStatus, "channel_status"), default=ChannelStatus.OK
     )

@@ -51,7 +51,11 @@ def generate_certificate(common_name: str, *, now: datetime | None = None) -> Ge
 
 
 def thumbprint_of(certificate: x509.Certificate) -> str:
-    return hashlib.sha1(certificate.public_bytes(serialization.Encoding.DER), usedforsecurity=False).hexdigest().upper()
+    return (
+        hashlib.sha1(certificate.public_bytes(serialization.Encoding.DER), usedforsecurity=False)
+        .hexdigest()
+        .upper()
+    )
 
 
 def load_certificate_and_key(pem: str) -> GeneratedCertificate:
@@ -59,8 +63,14 @@ def load_certificate_and_key(pem: str) -> GeneratedCertificate:
     certificate = x509.load_pem_x509_certificate(pem.encode("ascii"))
     key = serialization.load_pem_private_key(pem.encode("ascii"), password=None)
     if not isinstance(key, rsa.RSAPrivateKey):
-        raise ValueError("the private key must be RSA (Entra ID accepts RSA certificates for client assertions)")
-    if key.public_key().public_numbers() != certificate.public_key().public_numbers():  # type: ignore[attr-defined]
+        raise ValueError(
+            "the private key must be RSA (Entra ID accepts RSA certificates for client assertions)"
+        )
+    public = certificate.public_key()
+    if (
+        not isinstance(public, rsa.RSAPublicKey)
+        or key.public_key().public_numbers() != public.public_numbers()
+    ):
         raise ValueError("the private key does not belong to the certificate")
     return GeneratedCertificate(
         certificate_pem=certificate.public_bytes(serialization.Encoding.PEM).decode("ascii"),
@@ -73,4 +83,6 @@ def load_certificate_and_key(pem: str) -> GeneratedCertificate:
 
 
 def certificate_der(certificate_pem: str) -> bytes:
-    return x509.load_pem_x509_certificate(certificate_pem.encode("ascii")).public_bytes(serialization.Encoding.DER)
+    return x509.load_pem_x509_certificate(certificate_pem.encode("ascii")).public_bytes(
+        serialization.Encoding.DER
+    )

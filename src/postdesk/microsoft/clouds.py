@@ -66,7 +66,10 @@ class Endpoints:
     @property
     def outlook_scopes(self) -> list[str]:
         # One token request may name one resource only (AADSTS28000), so IMAP and SMTP go together.
-        return [f"{self.cloud.outlook_resource}/IMAP.AccessAsUser.All", f"{self.cloud.outlook_resource}/SMTP.Send"]
+        return [
+            f"{self.cloud.outlook_resource}/IMAP.AccessAsUser.All",
+            f"{self.cloud.outlook_resource}/SMTP.Send",
+        ]
 
 
 def endpoints_for(settings: Settings, cloud_name: str | None = None) -> Endpoints:

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import secrets
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,8 +36,9 @@ MULTI_TENANT_AUTHORITIES = frozenset({"common", "organizations"})
 class SignInError(Exception):
     """A sign-in that did not connect a mailbox; ``title``/``detail`` are for the admin's screen."""
 
-    def __init__(self, title: str, detail: str, *, explanation: Explanation | None = None,
-                 reference: str | None = None) -> None:
+    def __init__(
+        self, title: str, detail: str, *, explanation: Explanation | None = None, reference: str | None = None
+    ) -> None:
         super().__init__(f"{title}: {detail}")
         self.title = title
         self.detail = detail
@@ -51,8 +53,9 @@ def identity_failure(err: IdentityError, identity: MicrosoftIdentity) -> SignInE
         "tenant": identity.registration.tenant,
     }
     explanation = explain(err, context=context)
-    return SignInError(explanation.title, explanation.cause, explanation=explanation,
-                       reference=support_reference(err))
+    return SignInError(
+        explanation.title, explanation.cause, explanation=explanation, reference=support_reference(err)
+    )
 
 
 def current_registration(session: Session) -> MicrosoftApp | None:
@@ -76,41 +79,67 @@ def begin_sign_in(
 ) -> PendingSignIn:
     """Start a sign-in; the caller redirects the browser to ``auth_uri``."""
     state = secrets.token_urlsafe(32)
-    flow = identity.client().initiate_auth_code_flow(
-        scopes=identity.scopes,
-        redirect_uri=identity.settings.oauth_redirect_uri,
-        state=state,
-        prompt="select_account",
-        login_hint=login_hint or (channel.account_username if channel else None),
+    with warnings.catch_warnings():
+        # MSAL recommends response_mode=form_post. That would make Microsoft's answer a cross-site POST,
+        # which browsers send without the SameSite=Lax session cookie this flow is bound to. The code
+        # in the query is single-use and useless without the PKCE verifier and the client credential,
+        # both of which never leave this server.
+        warnings.filterwarnings("ignore", message="response_mode='form_post' is recommended")
+        flow = identity.client().initiate_auth_code_flow(
+            scopes=[*identity.scopes, "email"],
+            redirect_uri=identity.settings.oauth_redirect_uri,
+            state=state,
+            prompt="select_account",
+            login_hint=login_hint or (channel.account_username if channel else None),
+            response_mode="query",
+        )
+    session.add(
+        OAuthFlow(
+            state=state,
+            web_session_id=web_session_id,
+            purpose=purpose,
+            channel_id=channel.id if channel else None,
+            flow=json.dumps(flow),
+        )
     )
-    session.add(OAuthFlow(state=state, web_session_id=web_session_id, purpose=purpose,
-                          channel_id=channel.id if channel else None, flow=json.dumps(flow)))
     return PendingSignIn(auth_uri=str(flow["auth_uri"]), state=state)
 
 
 def begin_admin_consent(session: Session, *, web_session_id: str) -> str:
     state = secrets.token_urlsafe(32)
-    session.add(OAuthFlow(state=state, web_session_id=web_session_id, purpose="admin_consent",
-                          flow=json.dumps({"state": state})))
+    session.add(
+        OAuthFlow(
+            state=state,
+            web_session_id=web_session_id,
+            purpose="admin_consent",
+            flow=json.dumps({"state": state}),
+        )
+    )
     return state
 
 
 def claim_flow(session: Session, *, state: str | None, web_session_id: str) -> OAuthFlow:
     """Take the pending sign-in for ``state`` exactly once, and only for the browser that started it."""
     if not state:
-        raise SignInError("The sign-in response has no state",
-                          "Start again from Channels › Add account; do not bookmark the Microsoft sign-in page.")
+        raise SignInError(
+            "The sign-in response has no state",
+            "Start again from Channels › Add account; do not bookmark the Microsoft sign-in page.",
+        )
     flow = session.scalar(select(OAuthFlow).where(OAuthFlow.state == state))
     if flow is None or flow.web_session_id != web_session_id:
-        raise SignInError("This sign-in was not started here",
-                          "The response does not belong to a sign-in started from this browser session. "
-                          "Start again from Channels › Add account.")
+        raise SignInError(
+            "This sign-in was not started here",
+            "The response does not belong to a sign-in started from this browser session. "
+            "Start again from Channels › Add account.",
+        )
     claimed = session.execute(
         update(OAuthFlow).where(OAuthFlow.id == flow.id, OAuthFlow.used_at.is_(None)).values(used_at=utcnow())
     )
     if getattr(claimed, "rowcount", 0) != 1:
-        raise SignInError("This sign-in response was already used",
-                          "Each sign-in can complete once. Start again from Channels › Add account.")
+        raise SignInError(
+            "This sign-in response was already used",
+            "Each sign-in can complete once. Start again from Channels › Add account.",
+        )
     return flow
 
 
@@ -122,7 +151,12 @@ class ConnectResult:
 
 
 def complete_sign_in(
-    session: Session, identity: MicrosoftIdentity, *, flow_row: OAuthFlow, params: Mapping[str, str], actor: User
+    session: Session,
+    identity: MicrosoftIdentity,
+    *,
+    flow_row: OAuthFlow,
+    params: Mapping[str, str],
+    actor: User,
 ) -> ConnectResult:
     if params.get("error"):
         raise identity_failure(IdentityError.from_redirect(params), identity)
@@ -138,8 +172,14 @@ def complete_sign_in(
     session.add(channel)
     session.flush()
     kind = "connected" if flow_row.purpose == "connect" else "reauthenticated"
-    session.add(ChannelEvent(channel_id=channel.id, kind=kind, actor_id=actor.id,
-                             message=f"Signed in as {account.username} ({account.display_name})."))
+    session.add(
+        ChannelEvent(
+            channel_id=channel.id,
+            kind=kind,
+            actor_id=actor.id,
+            message=f"Signed in as {account.username} ({account.display_name}).",
+        )
+    )
     log.info("channel %s %s by %s", channel.id, kind, redact_email_address(actor.email))
     purpose: Purpose = "reauth" if flow_row.purpose == "reauth" else "connect"
     return ConnectResult(channel=channel, created=created, purpose=purpose)
@@ -149,21 +189,28 @@ def check_id_token(identity: MicrosoftIdentity, claims: Mapping[str, Any]) -> Si
     """What MSAL does not check (RECIPES: it validates nonce and state, not tid, aud or iss)."""
     tenant_id = str(claims.get("tid") or "")
     if claims.get("aud") != identity.registration.client_id:
-        raise SignInError("The sign-in was for another app",
-                          "The id_token's audience is not this app's client ID. Check the Application (client) "
-                          "ID under Channels › Microsoft 365 app.")
+        raise SignInError(
+            "The sign-in was for another app",
+            "The id_token's audience is not this app's client ID. Check the Application (client) "
+            "ID under Channels › Microsoft 365 app.",
+        )
     if not tenant_id or claims.get("iss") != identity.expected_issuer(tenant_id):
-        raise SignInError("The sign-in came from an unexpected issuer",
-                          f"Expected tokens issued by {identity.expected_issuer(tenant_id or '<tenant>')}.")
+        raise SignInError(
+            "The sign-in came from an unexpected issuer",
+            f"Expected tokens issued by {identity.expected_issuer(tenant_id or '<tenant>')}.",
+        )
     _check_tenant(identity, tenant_id)
     username = str(claims.get("preferred_username") or claims.get("email") or claims.get("upn") or "").lower()
     oid = str(claims.get("oid") or "")
     if "@" not in username or not oid:
-        raise SignInError("The account has no mailbox address",
-                          "Microsoft did not return an email address for this account. Sign in with a "
-                          "work account that has an Exchange Online mailbox.")
-    return SignedInAccount(oid=oid, tenant_id=tenant_id, username=username,
-                           display_name=str(claims.get("name") or username))
+        raise SignInError(
+            "The account has no mailbox address",
+            "Microsoft did not return an email address for this account. Sign in with a "
+            "work account that has an Exchange Online mailbox.",
+        )
+    return SignedInAccount(
+        oid=oid, tenant_id=tenant_id, username=username, display_name=str(claims.get("name") or username)
+    )
 
 
 def _check_tenant(identity: MicrosoftIdentity, tenant_id: str) -> None:
@@ -172,9 +219,11 @@ def _check_tenant(identity: MicrosoftIdentity, tenant_id: str) -> None:
         return
     expected = configured if _GUID.match(configured) else _tenant_id_of_domain(identity)
     if tenant_id.lower() != expected.lower():
-        raise SignInError("The account belongs to another organisation",
-                          f"You signed in with an account from tenant {tenant_id}, but the app is configured "
-                          f"for {identity.registration.tenant}. Sign in with an account of your organisation.")
+        raise SignInError(
+            "The account belongs to another organisation",
+            f"You signed in with an account from tenant {tenant_id}, but the app is configured "
+            f"for {identity.registration.tenant}. Sign in with an account of your organisation.",
+        )
 
 
 def _tenant_id_of_domain(identity: MicrosoftIdentity) -> str:
@@ -210,8 +259,9 @@ def _require_same_mailbox(channel: Channel, account: SignedInAccount) -> None:
         )
 
 
-def _store_connection(channel: Channel, identity: MicrosoftIdentity, account: SignedInAccount,
-                      cache: str) -> None:
+def _store_connection(
+    channel: Channel, identity: MicrosoftIdentity, account: SignedInAccount, cache: str
+) -> None:
     now = utcnow()
     channel.microsoft_app_id = identity.registration.id
     channel.tenant_id = account.tenant_id

@@ -40,11 +40,15 @@ def trust_store(settings: Settings) -> str | bool:
         return True
     system = ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
     merged = settings.data_dir / "trusted-cas.pem"
-    parts = [Path(system).read_text(encoding="utf-8") if Path(system).is_file() else "",
-             settings.ca_bundle.read_text(encoding="utf-8")]
+    parts = [
+        Path(system).read_text(encoding="utf-8") if Path(system).is_file() else "",
+        settings.ca_bundle.read_text(encoding="utf-8"),
+    ]
     content = "\n".join(parts)
     if not merged.is_file() or merged.read_text(encoding="utf-8") != content:
-        with tempfile.NamedTemporaryFile("w", dir=settings.data_dir, delete=False, encoding="utf-8") as handle:
+        with tempfile.NamedTemporaryFile(
+            "w", dir=settings.data_dir, delete=False, encoding="utf-8"
+        ) as handle:
             handle.write(content)
         Path(handle.name).replace(merged)
     return str(merged)

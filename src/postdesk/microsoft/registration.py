@@ -341,6 +341,14 @@ def _base_url_problems(base_url: str) -> list[FormProblem]:
     return []
 
 
+def parse_account_types(value: str) -> AccountTypes | None:
+    """The form's or command line's account-types value, or None when it is not one of ours."""
+    for choice in ACCOUNT_TYPES:
+        if choice.key == value:
+            return choice.key
+    return None
+
+
 def _account_type_problems(account_types: AccountTypes) -> list[FormProblem]:
     if account_types != "multi_personal":
         return []

@@ -10,7 +10,13 @@ from sqlalchemy.orm import Session
 
 from postdesk.db.models import Group, Role, User
 from postdesk.db.types import utcnow
-from postdesk.security.passwords import DUMMY_HASH, hash_password, needs_rehash, password_problem, verify_password
+from postdesk.security.passwords import (
+    DUMMY_HASH,
+    hash_password,
+    needs_rehash,
+    password_problem,
+    verify_password,
+)
 
 MAX_FAILED_LOGINS = 5
 LOCKOUT = timedelta(minutes=15)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from postdesk.db.models import (
@@ -27,7 +27,7 @@ SortKey = Literal["updated", "created", "number", "title"]
 
 def next_ticket_number(session: Session) -> int:
     """Hand out the next ticket number; the row lock of the UPDATE serialises concurrent callers."""
-    number = session.scalar(
+    number: int | None = session.scalar(
         update(TicketCounter)
         .where(TicketCounter.id == 1)
         .values(last_number=TicketCounter.last_number + 1)
@@ -158,7 +158,7 @@ _SORT_COLUMNS = {
 }
 
 
-def visible_tickets(viewer: User | None) -> Select[tuple[Ticket]]:
+def visible_tickets(viewer: User | None) -> Select[Ticket]:
     """Tickets a person may see: admins all; agents their groups' tickets and unassigned ones."""
     query = select(Ticket)
     if viewer is not None and not viewer.is_admin:
@@ -167,7 +167,7 @@ def visible_tickets(viewer: User | None) -> Select[tuple[Ticket]]:
     return query
 
 
-def _apply_filter(query: Select[tuple[Ticket]], spec: TicketFilter) -> Select[tuple[Ticket]]:
+def _apply_filter(query: Select[Ticket], spec: TicketFilter) -> Select[Ticket]:
     if spec.states:
         query = query.where(Ticket.state.in_(spec.states))
     for column, value in (
@@ -180,8 +180,10 @@ def _apply_filter(query: Select[tuple[Ticket]], spec: TicketFilter) -> Select[tu
     term = spec.search.strip()
     if term:
         query = query.join(Customer, Ticket.customer_id == Customer.id)
-        conditions = [Ticket.title.ilike(f"%{_escape_like(term)}%", escape="\\"),
-                      Customer.email.ilike(f"%{_escape_like(term)}%", escape="\\")]
+        conditions: list[ColumnElement[bool]] = [
+            Ticket.title.ilike(f"%{_escape_like(term)}%", escape="\\"),
+            Customer.email.ilike(f"%{_escape_like(term)}%", escape="\\"),
+        ]
         digits = term.lstrip("#")
         if digits.isdigit():
             conditions.append(Ticket.number == int(digits))
@@ -201,7 +203,9 @@ def list_tickets(session: Session, spec: TicketFilter, *, viewer: User | None = 
     page = max(1, spec.page)
     tickets = list(
         session.scalars(
-            ordered.options(selectinload(Ticket.customer), selectinload(Ticket.group), selectinload(Ticket.owner))
+            ordered.options(
+                selectinload(Ticket.customer), selectinload(Ticket.group), selectinload(Ticket.owner)
+            )
             .limit(spec.per_page)
             .offset((page - 1) * spec.per_page)
         )
@@ -214,7 +218,9 @@ def _article_counts(session: Session, ticket_ids: list[int]) -> dict[int, int]:
     if not ticket_ids:
         return {}
     rows = session.execute(
-        select(Article.ticket_id, func.count()).where(Article.ticket_id.in_(ticket_ids)).group_by(Article.ticket_id)
+        select(Article.ticket_id, func.count())
+        .where(Article.ticket_id.in_(ticket_ids))
+        .group_by(Article.ticket_id)
     )
     return {ticket_id: count for ticket_id, count in rows}
 

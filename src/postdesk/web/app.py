@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -55,8 +56,9 @@ def _install_middleware(app: FastAPI, runtime: Runtime) -> None:
         request.state.csrf_seed = seed or new_seed()
         response = await call_next(request)
         if getattr(request.state, "rotate_csrf", False) or not seed:
-            response.set_cookie(CSRF_COOKIE, request.state.csrf_seed, httponly=True, secure=secure,
-                                samesite="lax", path="/")
+            response.set_cookie(
+                CSRF_COOKIE, request.state.csrf_seed, httponly=True, secure=secure, samesite="lax", path="/"
+            )
         response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "same-origin")
@@ -72,26 +74,29 @@ def _install_error_pages(app: FastAPI) -> None:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         if request.headers.get("hx-request"):
             return Response(status_code=401, headers={"HX-Redirect": "/login"})
-        return RedirectResponse(f"/login?next={_quote(target)}", status_code=303)
+        return RedirectResponse(f"/login?next={quote(target, safe='/')}", status_code=303)
 
     @app.exception_handler(HTTPException)
     async def error_page(request: Request, exc: HTTPException) -> Response:
         if request.url.path.startswith("/api/") or request.url.path == "/healthz":
             return await http_exception_handler(request, exc)
-        return render(request, "error.html", {"status": exc.status_code, "message": exc.detail},
-                      status_code=exc.status_code)
+        return render(
+            request,
+            "error.html",
+            {"status": exc.status_code, "message": exc.detail},
+            status_code=exc.status_code,
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, _exc: Exception) -> Response:
         # The traceback goes to the log (redacted); the browser gets no internals.
         if request.url.path.startswith("/api/"):
-            return JSONResponse({"detail": "Internal error; the server log has the details."}, status_code=500)
-        return render(request, "error.html",
-                      {"status": 500, "message": "Something went wrong on our side; the server log has the details."},
-                      status_code=500)
-
-
-def _quote(path: str) -> str:
-    from urllib.parse import quote
-
-    return quote(path, safe="/")
+            return JSONResponse(
+                {"detail": "Internal error; the server log has the details."}, status_code=500
+            )
+        return render(
+            request,
+            "error.html",
+            {"status": 500, "message": "Something went wrong on our side; the server log has the details."},
+            status_code=500,
+        )

@@ -26,8 +26,15 @@ def start_session(session: Session, user: User) -> str:
     """Create a session for ``user`` and return the cookie value (never stored in clear)."""
     token = secrets.token_urlsafe(32)
     now = utcnow()
-    session.add(WebSession(id=_digest(token), user_id=user.id, created_at=now, last_seen_at=now,
-                           expires_at=now + ABSOLUTE_LIFETIME))
+    session.add(
+        WebSession(
+            id=_digest(token),
+            user_id=user.id,
+            created_at=now,
+            last_seen_at=now,
+            expires_at=now + ABSOLUTE_LIFETIME,
+        )
+    )
     return token
 
 
@@ -57,7 +64,9 @@ def end_session(session: Session, token: str | None) -> None:
 def purge_expired_sessions(session: Session) -> int:
     now = utcnow()
     result = session.execute(
-        delete(WebSession).where((WebSession.expires_at <= now) | (WebSession.last_seen_at <= now - IDLE_LIFETIME))
+        delete(WebSession).where(
+            (WebSession.expires_at <= now) | (WebSession.last_seen_at <= now - IDLE_LIFETIME)
+        )
     )
     return int(getattr(result, "rowcount", 0) or 0)
 

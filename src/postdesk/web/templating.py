@@ -24,7 +24,9 @@ def csrf_token(request: Request) -> str:
     return token_for(runtime.secret_box, request.state.csrf_seed)
 
 
-def render(request: Request, name: str, context: dict[str, Any] | None = None, *, status_code: int = 200) -> HTMLResponse:
+def render(
+    request: Request, name: str, context: dict[str, Any] | None = None, *, status_code: int = 200
+) -> HTMLResponse:
     values = {"csrf_token": csrf_token(request), "user": None, "section": None}
     values.update(context or {})
     return templates.TemplateResponse(request, name, values, status_code=status_code)

@@ -24,7 +24,9 @@ def purge_stale_sign_ins(runtime: Runtime) -> None:
     """Forget expired browser sessions and abandoned Microsoft sign-ins (they hold PKCE verifiers)."""
     with transaction(runtime.sessions) as session:
         sessions = purge_expired_sessions(session)
-        flows = session.execute(delete(OAuthFlow).where(OAuthFlow.created_at < utcnow() - OAUTH_FLOW_LIFETIME))
+        flows = session.execute(
+            delete(OAuthFlow).where(OAuthFlow.created_at < utcnow() - OAUTH_FLOW_LIFETIME)
+        )
     flow_count = int(getattr(flows, "rowcount", 0) or 0)
     if sessions or flow_count:
         log.info("purged %d expired sessions and %d abandoned sign-ins", sessions, flow_count)

@@ -52,8 +52,12 @@ class Scheduler:
             job.run(self.runtime)
         except Exception:
             job.failures += 1
-            log.exception("job %s failed (%d in a row); it runs again in %.0f s",
-                          job.name, job.failures, job.interval_seconds)
+            log.exception(
+                "job %s failed (%d in a row); it runs again in %.0f s",
+                job.name,
+                job.failures,
+                job.interval_seconds,
+            )
         else:
             job.failures = 0
 

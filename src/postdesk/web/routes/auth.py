@@ -17,7 +17,7 @@ router = APIRouter(include_in_schema=False)
 
 
 @router.get("/login")
-def login_page(request: Request, web_session: WebSessionDep, next: str | None = None) -> Response:  # noqa: A002
+def login_page(request: Request, web_session: WebSessionDep, next: str | None = None) -> Response:
     if web_session is not None:
         return RedirectResponse(safe_next(next), status_code=303)
     return render(request, "login.html", {"next": safe_next(next), "email": "", "error": None})
@@ -30,18 +30,29 @@ def login(
     runtime: RuntimeDep,
     email: Annotated[str, Form()],
     password: Annotated[str, Form()],
-    next: Annotated[str, Form()] = "/tickets",  # noqa: A002
+    next: Annotated[str, Form()] = "/tickets",
 ) -> Response:
     result = authenticate(db, email=email, password=password)
     if result.user is None:
         db.commit()  # keep the failed-attempt count
-        return render(request, "login.html", {"next": safe_next(next), "email": email, "error": result.reason},
-                      status_code=401)
+        return render(
+            request,
+            "login.html",
+            {"next": safe_next(next), "email": email, "error": result.reason},
+            status_code=401,
+        )
     token = start_session(db, result.user)
     db.commit()
     response = RedirectResponse(safe_next(next), status_code=303)
-    response.set_cookie(SESSION_COOKIE, token, max_age=int(ABSOLUTE_LIFETIME.total_seconds()), httponly=True,
-                        secure=runtime.settings.uses_https, samesite="lax", path="/")
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        max_age=int(ABSOLUTE_LIFETIME.total_seconds()),
+        httponly=True,
+        secure=runtime.settings.uses_https,
+        samesite="lax",
+        path="/",
+    )
     _rotate_csrf(request)
     return response
 

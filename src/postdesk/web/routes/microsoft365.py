@@ -30,6 +30,7 @@ from postdesk.microsoft.registration import (
     REQUIRED_DELEGATED_PERMISSIONS,
     admin_consent_url,
     normalise_tenant,
+    parse_account_types,
     validate_app_registration,
 )
 from postdesk.web.deps import CurrentAdmin, RuntimeDep, SessionDep, WebSessionDep
@@ -57,8 +58,9 @@ def _web_session_id(request: Request) -> str:
     return session_id_for(token)
 
 
-def channels_page(request: Request, db: Session, runtime: Any, admin: User, *, status_code: int = 200,
-                  **extra: Any) -> Response:
+def channels_page(
+    request: Request, db: Session, runtime: Any, admin: User, *, status_code: int = 200, **extra: Any
+) -> Response:
     registration = current_registration(db)
     settings = runtime.settings
     consent_url = None
@@ -102,25 +104,44 @@ def save_app(
     account_types: Annotated[str, Form()] = "single",
 ) -> Response:
     registration = current_registration(db)
-    form = {"client_id": client_id.strip(), "tenant": tenant, "secret_expires": secret_expires, "cloud": cloud,
-            "account_types": account_types}
+    form = {
+        "client_id": client_id.strip(),
+        "tenant": tenant,
+        "secret_expires": secret_expires,
+        "cloud": cloud,
+        "account_types": account_types,
+    }
+    # An empty secret field keeps the stored secret (it is never sent back to the browser).
     keeps_secret = not client_secret and registration is not None and bool(registration.client_secret)
     has_certificate = registration is not None and bool(registration.certificate_private_key)
+    kinds = parse_account_types(account_types) or "single"
     problems = validate_app_registration(
-        client_id=client_id.strip(), tenant=tenant, client_secret=client_secret or None if not keeps_secret else "kept",
-        has_certificate=has_certificate or keeps_secret, cloud=cloud, base_url=runtime.settings.base_url,
-        account_types=account_types,  # type: ignore[arg-type]
+        client_id=client_id.strip(),
+        tenant=tenant,
+        client_secret=client_secret or None,
+        has_certificate=has_certificate or keeps_secret,
+        cloud=cloud,
+        base_url=runtime.settings.base_url,
+        account_types=kinds,
     )
     expires_at, date_problem = _parse_date(secret_expires)
     errors = [p for p in problems if p.severity == "error"]
     if errors or date_problem:
-        return channels_page(request, db, runtime, admin, status_code=422, problems=problems, form=form,
-                             date_problem=date_problem)
+        return channels_page(
+            request,
+            db,
+            runtime,
+            admin,
+            status_code=422,
+            problems=problems,
+            form=form,
+            date_problem=date_problem,
+        )
     registration = registration or MicrosoftApp()
     registration.client_id = client_id.strip().lower()
     registration.tenant = normalise_tenant(tenant) or "common"
     registration.cloud = cloud
-    registration.account_types = account_types
+    registration.account_types = kinds
     if client_secret:
         registration.client_secret = client_secret.strip()
     if client_secret or secret_expires:
@@ -130,8 +151,7 @@ def save_app(
     db.commit()
     warnings = [p for p in problems if p.severity == "warning"]
     if warnings:
-        return channels_page(request, db, runtime, admin, problems=warnings,
-                             notice=NOTICES["app-saved"])
+        return channels_page(request, db, runtime, admin, problems=warnings, notice=NOTICES["app-saved"])
     return RedirectResponse("/channels?notice=app-saved", status_code=303)
 
 
@@ -166,8 +186,11 @@ def download_certificate(db: SessionDep, admin: CurrentAdmin) -> Response:
     registration = current_registration(db)
     if registration is None or not registration.certificate_pem:
         raise HTTPException(status_code=404, detail="No certificate has been generated yet.")
-    return Response(certificate_der(registration.certificate_pem), media_type="application/pkix-cert",
-                    headers={"Content-Disposition": 'attachment; filename="postdesk.cer"'})
+    return Response(
+        certificate_der(registration.certificate_pem),
+        media_type="application/pkix-cert",
+        headers={"Content-Disposition": 'attachment; filename="postdesk.cer"'},
+    )
 
 
 @router.get("/channels/microsoft365/admin-consent")
@@ -178,9 +201,13 @@ def admin_consent(request: Request, db: SessionDep, runtime: RuntimeDep, admin: 
     identity = MicrosoftIdentity(runtime.settings, registration)
     state = begin_admin_consent(db, web_session_id=_web_session_id(request))
     db.commit()
-    url = admin_consent_url(login_url=identity.endpoints.login_url, tenant=registration.tenant,
-                            client_id=registration.client_id, redirect_uri=runtime.settings.oauth_redirect_uri,
-                            state=state)
+    url = admin_consent_url(
+        login_url=identity.endpoints.login_url,
+        tenant=registration.tenant,
+        client_id=registration.client_id,
+        redirect_uri=runtime.settings.oauth_redirect_uri,
+        state=state,
+    )
     return RedirectResponse(url, status_code=302)
 
 
@@ -195,26 +222,43 @@ def start_sign_in(
 ) -> Response:
     registration = current_registration(db)
     if registration is None:
-        raise HTTPException(status_code=409, detail="Connect the Microsoft 365 app first (Channels › Microsoft 365 app).")
+        raise HTTPException(
+            status_code=409, detail="Connect the Microsoft 365 app first (Channels › Microsoft 365 app)."
+        )
     target = db.get(Channel, channel) if channel is not None else None
     if channel is not None and target is None:
         raise HTTPException(status_code=404, detail="That mailbox no longer exists.")
     identity = MicrosoftIdentity(runtime.settings, registration)
     try:
-        pending = begin_sign_in(db, identity, web_session_id=_web_session_id(request),
-                                purpose="reauth" if target else "connect", channel=target, login_hint=login_hint)
+        pending = begin_sign_in(
+            db,
+            identity,
+            web_session_id=_web_session_id(request),
+            purpose="reauth" if target else "connect",
+            channel=target,
+            login_hint=login_hint,
+        )
     except (ValueError, OSError) as exc:
-        return channels_page(request, db, runtime, admin, status_code=502, sign_in_error=SignInError(
-            "Microsoft's sign-in service could not be reached",
-            f"Postdesk could not read the sign-in configuration for tenant {registration.tenant}: {exc}. "
-            "Check the Directory (tenant) ID and that this server can reach the identity platform."))
+        return channels_page(
+            request,
+            db,
+            runtime,
+            admin,
+            status_code=502,
+            sign_in_error=SignInError(
+                "Microsoft's sign-in service could not be reached",
+                f"Postdesk could not read the sign-in configuration for tenant {registration.tenant}: {exc}. "
+                "Check the Directory (tenant) ID and that this server can reach the identity platform.",
+            ),
+        )
     db.commit()
     return RedirectResponse(pending.auth_uri, status_code=302)
 
 
 @router.get("/auth/microsoft365/callback")
-def callback(request: Request, db: SessionDep, runtime: RuntimeDep, admin: CurrentAdmin,
-             web_session: WebSessionDep) -> Response:
+def callback(
+    request: Request, db: SessionDep, runtime: RuntimeDep, admin: CurrentAdmin, web_session: WebSessionDep
+) -> Response:
     params = dict(request.query_params)
     registration = current_registration(db)
     try:
@@ -234,8 +278,9 @@ def callback(request: Request, db: SessionDep, runtime: RuntimeDep, admin: Curre
     return RedirectResponse(f"/channels?notice={notice}#channel-{result.channel.id}", status_code=303)
 
 
-def _admin_consent_result(request: Request, db: Session, runtime: Any, admin: User,
-                          params: dict[str, str]) -> Response:
+def _admin_consent_result(
+    request: Request, db: Session, runtime: Any, admin: User, params: dict[str, str]
+) -> Response:
     registration = current_registration(db)
     if params.get("error") and registration is not None:
         identity = MicrosoftIdentity(runtime.settings, registration)
@@ -269,11 +314,14 @@ def disable_channel(channel_id: int, db: SessionDep, admin: CurrentAdmin) -> Res
 
 
 @router.post("/channels/{channel_id}/delete")
-def delete_channel(channel_id: int, db: SessionDep, admin: CurrentAdmin,
-                   confirm: Annotated[str, Form()] = "") -> Response:
+def delete_channel(
+    channel_id: int, db: SessionDep, admin: CurrentAdmin, confirm: Annotated[str, Form()] = ""
+) -> Response:
     channel = _channel_or_404(db, channel_id)
     if confirm.strip().lower() != channel.email.lower():
-        raise HTTPException(status_code=422, detail=f"To delete, type the mailbox address {channel.email} to confirm.")
+        raise HTTPException(
+            status_code=422, detail=f"To delete, type the mailbox address {channel.email} to confirm."
+        )
     db.delete(channel)
     db.commit()
     return RedirectResponse("/channels?notice=deleted", status_code=303)
@@ -282,7 +330,14 @@ def delete_channel(channel_id: int, db: SessionDep, admin: CurrentAdmin,
 @router.get("/channels/{channel_id}")
 def channel_detail(request: Request, channel_id: int, db: SessionDep, admin: CurrentAdmin) -> Response:
     channel = _channel_or_404(db, channel_id)
-    events = db.scalars(select(ChannelEvent).where(ChannelEvent.channel_id == channel.id)
-                        .order_by(ChannelEvent.created_at.desc(), ChannelEvent.id.desc()).limit(200)).all()
-    return render(request, "channels/detail.html",
-                  {"section": "channels", "user": admin, "channel": channel, "events": events})
+    events = db.scalars(
+        select(ChannelEvent)
+        .where(ChannelEvent.channel_id == channel.id)
+        .order_by(ChannelEvent.created_at.desc(), ChannelEvent.id.desc())
+        .limit(200)
+    ).all()
+    return render(
+        request,
+        "channels/detail.html",
+        {"section": "channels", "user": admin, "channel": channel, "events": events},
+    )

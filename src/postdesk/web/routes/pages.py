@@ -18,12 +18,22 @@ from postdesk.web.templating import render
 router = APIRouter(include_in_schema=False)
 
 
-def _users_page(request: Request, db: SessionDep, admin: User, *, error: str | None = None,
-                form: dict[str, str] | None = None, status_code: int = 200) -> Response:
+def _users_page(
+    request: Request,
+    db: SessionDep,
+    admin: User,
+    *,
+    error: str | None = None,
+    form: dict[str, str] | None = None,
+    status_code: int = 200,
+) -> Response:
     users = db.scalars(select(User).options(selectinload(User.groups)).order_by(User.email)).all()
-    return render(request, "admin/users.html",
-                  {"section": "users", "user": admin, "users": users, "error": error, "form": form or {}},
-                  status_code=status_code)
+    return render(
+        request,
+        "admin/users.html",
+        {"section": "users", "user": admin, "users": users, "error": error, "form": form or {}},
+        status_code=status_code,
+    )
 
 
 @router.get("/users")
@@ -45,8 +55,14 @@ def users_create(
         create_user(db, email=email, password=password, display_name=display_name, role=role)
     except PeopleError as exc:
         db.rollback()
-        return _users_page(request, db, admin, error=str(exc),
-                           form={"email": email, "display_name": display_name}, status_code=422)
+        return _users_page(
+            request,
+            db,
+            admin,
+            error=str(exc),
+            form={"email": email, "display_name": display_name},
+            status_code=422,
+        )
     db.commit()
     return RedirectResponse("/users", status_code=303)
 
@@ -55,12 +71,16 @@ def users_create(
 def settings_page(request: Request, runtime: RuntimeDep, admin: CurrentAdmin) -> Response:
     settings = runtime.settings
     backend = runtime.engine.url.get_backend_name()
-    return render(request, "admin/settings.html", {
-        "section": "settings",
-        "user": admin,
-        "settings": settings,
-        "endpoints": endpoints_for(settings),
-        "database_backend": "PostgreSQL" if backend.startswith("postgres") else backend.capitalize(),
-        "key_fingerprint": runtime.secret_box.fingerprint,
-        "key_source": "POSTDESK_SECRET_KEY" if settings.secret_key else f"{settings.data_dir}/secret.key",
-    })
+    return render(
+        request,
+        "admin/settings.html",
+        {
+            "section": "settings",
+            "user": admin,
+            "settings": settings,
+            "endpoints": endpoints_for(settings),
+            "database_backend": "PostgreSQL" if backend.startswith("postgres") else backend.capitalize(),
+            "key_fingerprint": runtime.secret_box.fingerprint,
+            "key_source": "POSTDESK_SECRET_KEY" if settings.secret_key else f"{settings.data_dir}/secret.key",
+        },
+    )

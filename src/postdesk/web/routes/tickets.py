@@ -9,7 +9,15 @@ from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import select
 
 from postdesk.db.models import Channel, Direction, Group, TicketState, User
-from postdesk.tickets.service import NewArticle, SortKey, TicketFilter, add_article, change_state, get_ticket, list_tickets
+from postdesk.tickets.service import (
+    NewArticle,
+    SortKey,
+    TicketFilter,
+    add_article,
+    change_state,
+    get_ticket,
+    list_tickets,
+)
 from postdesk.web.deps import CurrentUser, SessionDep
 from postdesk.web.templating import render
 
@@ -34,16 +42,24 @@ def ticket_list(
     db: SessionDep,
     user: CurrentUser,
     state: Annotated[list[TicketState], Query()] = [],  # noqa: B006 - FastAPI reads, never mutates
-    group: int | None = None,
-    owner: int | None = None,
-    channel: int | None = None,
+    group: str = "",
+    owner: str = "",
+    channel: str = "",
     q: str = "",
     sort: SortKey = "updated",
     order: str = "desc",
     page: Annotated[int, Query(ge=1)] = 1,
 ) -> Response:
-    spec = TicketFilter(states=tuple(state), group_id=group, owner_id=owner, channel_id=channel, search=q,
-                        sort=sort, descending=order != "asc", page=page)
+    spec = TicketFilter(
+        states=tuple(state),
+        group_id=_id(group),
+        owner_id=_id(owner),
+        channel_id=_id(channel),
+        search=q,
+        sort=sort,
+        descending=order != "asc",
+        page=page,
+    )
     result = list_tickets(db, spec, viewer=user)
     context = {
         "section": "tickets",
@@ -58,13 +74,21 @@ def ticket_list(
     return render(request, template, context)
 
 
+def _id(value: str) -> int | None:
+    """Filter selects send "" for "any"; anything that is not a positive number means no filter."""
+    return int(value) if value.isdigit() else None
+
+
 @router.get("/tickets/{number}")
 def ticket_view(request: Request, number: int, db: SessionDep, user: CurrentUser) -> Response:
     ticket = get_ticket(db, number, viewer=user)
     if ticket is None:
         raise HTTPException(status_code=404, detail=f"There is no ticket #{number}, or you cannot see it.")
-    return render(request, "tickets/view.html",
-                  {"section": "tickets", "user": user, "ticket": ticket, "state_labels": STATE_LABELS})
+    return render(
+        request,
+        "tickets/view.html",
+        {"section": "tickets", "user": user, "ticket": ticket, "state_labels": STATE_LABELS},
+    )
 
 
 @router.post("/tickets/{number}/state")
@@ -86,7 +110,16 @@ def ticket_add_note(number: int, db: SessionDep, user: CurrentUser, body: Annota
         raise HTTPException(status_code=404, detail=f"There is no ticket #{number}, or you cannot see it.")
     if not body.strip():
         raise HTTPException(status_code=422, detail="The note is empty.")
-    add_article(db, ticket, NewArticle(direction=Direction.OUTBOUND, internal=True, body_text=body.strip(),
-                                       sender=user.display_name, author=user))
+    add_article(
+        db,
+        ticket,
+        NewArticle(
+            direction=Direction.OUTBOUND,
+            internal=True,
+            body_text=body.strip(),
+            sender=user.display_name,
+            author=user,
+        ),
+    )
     db.commit()
     return RedirectResponse(f"/tickets/{number}#article-{ticket.articles[-1].id}", status_code=303)

@@ -1,0 +1,5 @@
+"""``python -m postdesk`` is the ``postdesk`` command."""
+
+from postdesk.cli import main
+
+main()

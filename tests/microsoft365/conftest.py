@@ -1,0 +1,140 @@
+"""Postdesk connected to the sandbox identity platform: an admin, a registered app, a scripted browser."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from postdesk.config import Settings
+from postdesk.db.models import Channel, MicrosoftApp, User
+from postdesk.db.session import transaction
+from postdesk.runtime import Runtime, bootstrap
+from postdesk.sandbox import CONTOSO_TENANT_ID, RegisteredApp, SandboxDirectory, SandboxServer
+from postdesk.web.app import create_app
+from tests.conftest import ADMIN_PASSWORD, add_user, sign_in
+from tests.sandbox.conftest import Browser
+
+BASE_URL = "http://127.0.0.1:8025"
+CALLBACK = f"{BASE_URL}/auth/microsoft365/callback"
+ADELE = "adele.vance@contoso.onmicrosoft.com"
+MEGAN = "megan.bowen@contoso.onmicrosoft.com"
+ALEX = "alex.wilber@fabrikam.onmicrosoft.com"
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxServer]:
+    with SandboxServer(SandboxDirectory.default(), state_dir=tmp_path_factory.mktemp("sandbox")) as server:
+        yield server
+
+
+@pytest.fixture
+def directory(sandbox: SandboxServer) -> Iterator[SandboxDirectory]:
+    yield sandbox.directory
+    sandbox.directory.clock_offset = timedelta(0)
+    while sandbox.directory.take_failure("authorize") or sandbox.directory.take_failure("token"):
+        pass
+
+
+@pytest.fixture
+def entra_app(directory: SandboxDirectory) -> RegisteredApp:
+    """A fresh app registration in the sandbox's Contoso tenant, as an admin makes in the Azure portal."""
+    return directory.register_app(display_name="Postdesk", redirect_uris=[CALLBACK])
+
+
+@pytest.fixture
+def m365_settings(tmp_path: Path, sandbox: SandboxServer) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        secret_key="test-secret-key-0123456789-abcdefghijklmnop",
+        base_url=BASE_URL,
+        microsoft_login_url=sandbox.base_url,
+        ca_bundle=sandbox.ca_path,
+    )
+
+
+@pytest.fixture
+def m365_runtime(m365_settings: Settings) -> Iterator[Runtime]:
+    runtime = bootstrap(m365_settings, apply_migrations=True)
+    yield runtime
+    runtime.engine.dispose()
+
+
+@pytest.fixture
+def m365_admin(m365_runtime: Runtime) -> User:
+    from postdesk.db.models import Role
+
+    return add_user(m365_runtime, "admin@example.com", ADMIN_PASSWORD, role=Role.ADMIN)
+
+
+def store_app(runtime: Runtime, app: RegisteredApp, *, tenant: str = "contoso.onmicrosoft.com") -> None:
+    with transaction(runtime.sessions) as session:
+        session.add(
+            MicrosoftApp(client_id=app.client_id, tenant=tenant, client_secret=app.client_secrets[0].value)
+        )
+
+
+@pytest.fixture
+def desk(m365_runtime: Runtime, m365_admin: User, entra_app: RegisteredApp) -> Iterator[TestClient]:
+    """Postdesk with the app registration saved and an admin signed in."""
+    store_app(m365_runtime, entra_app)
+    with TestClient(create_app(m365_runtime), base_url=BASE_URL) as client:
+        sign_in(client, m365_admin.email, ADMIN_PASSWORD)
+        yield client
+
+
+@pytest.fixture
+def browser(sandbox: SandboxServer) -> Iterator[Browser]:
+    context = ssl.create_default_context(cafile=str(sandbox.ca_path))
+    with httpx.Client(verify=context, trust_env=False, follow_redirects=False, timeout=10) as client:
+        yield Browser(client)
+
+
+@dataclass
+class SignIn:
+    """One trip through Microsoft's sign-in: start in Postdesk, sign in at the sandbox, come back."""
+
+    desk: TestClient
+    browser: Browser
+
+    def authorize_url(self, query: str = "") -> str:
+        start = self.desk.get(f"/auth/microsoft365/start{query}", follow_redirects=False)
+        assert start.status_code == 302, start.text
+        return start.headers["location"]
+
+    def at_microsoft(self, upn: str, *, query: str = "", consent: str | None = "accept") -> dict[str, str]:
+        page = self.browser.press(self.browser.open(self.authorize_url(query)), login=upn)
+        if page.status_code == 200 and consent is not None:
+            page = self.browser.press(page, decision=consent)
+        assert page.status_code == 302, page.text
+        location = page.headers["location"]
+        assert location.startswith(CALLBACK), location
+        return dict(parse_qsl(urlsplit(location).query))
+
+    def back_at_postdesk(self, params: dict[str, str]) -> httpx.Response:
+        return self.desk.get("/auth/microsoft365/callback", params=params, follow_redirects=False)
+
+    def connect(self, upn: str, *, query: str = "") -> httpx.Response:
+        return self.back_at_postdesk(self.at_microsoft(upn, query=query))
+
+
+@pytest.fixture
+def signin(desk: TestClient, browser: Browser) -> SignIn:
+    return SignIn(desk, browser)
+
+
+def channels(runtime: Runtime) -> list[Channel]:
+    with runtime.sessions() as session:
+        return list(session.query(Channel).order_by(Channel.id))
+
+
+ChannelLookup = Callable[[Runtime], list[Channel]]
+__all__ = ["ADELE", "ALEX", "CONTOSO_TENANT_ID", "MEGAN", "Any", "SignIn", "channels", "store_app"]
