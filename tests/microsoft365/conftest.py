@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import pytest
@@ -21,7 +20,7 @@ from postdesk.runtime import Runtime, bootstrap
 from postdesk.sandbox import CONTOSO_TENANT_ID, RegisteredApp, SandboxDirectory, SandboxServer
 from postdesk.web.app import create_app
 from tests.conftest import ADMIN_PASSWORD, add_user, sign_in
-from tests.sandbox.conftest import Browser
+from tests.support.sandbox_browser import Browser
 
 BASE_URL = "http://127.0.0.1:8025"
 CALLBACK = f"{BASE_URL}/auth/microsoft365/callback"
@@ -95,7 +94,7 @@ def desk(m365_runtime: Runtime, m365_admin: User, entra_app: RegisteredApp) -> I
 def browser(sandbox: SandboxServer) -> Iterator[Browser]:
     context = ssl.create_default_context(cafile=str(sandbox.ca_path))
     with httpx.Client(verify=context, trust_env=False, follow_redirects=False, timeout=10) as client:
-        yield Browser(client)
+        yield Browser(client, redirect_uri=CALLBACK)
 
 
 @dataclass
@@ -108,19 +107,17 @@ class SignIn:
     def authorize_url(self, query: str = "") -> str:
         start = self.desk.get(f"/auth/microsoft365/start{query}", follow_redirects=False)
         assert start.status_code == 302, start.text
-        return start.headers["location"]
+        location: str = start.headers["location"]
+        return location
 
     def at_microsoft(self, upn: str, *, query: str = "", consent: str | None = "accept") -> dict[str, str]:
-        page = self.browser.press(self.browser.open(self.authorize_url(query)), login=upn)
-        if page.status_code == 200 and consent is not None:
-            page = self.browser.press(page, decision=consent)
-        assert page.status_code == 302, page.text
-        location = page.headers["location"]
-        assert location.startswith(CALLBACK), location
-        return dict(parse_qsl(urlsplit(location).query))
+        return self.browser.sign_in(self.authorize_url(query), upn=upn, consent=consent)
 
     def back_at_postdesk(self, params: dict[str, str]) -> httpx.Response:
-        return self.desk.get("/auth/microsoft365/callback", params=params, follow_redirects=False)
+        response: httpx.Response = self.desk.get(
+            "/auth/microsoft365/callback", params=params, follow_redirects=False
+        )
+        return response
 
     def connect(self, upn: str, *, query: str = "") -> httpx.Response:
         return self.back_at_postdesk(self.at_microsoft(upn, query=query))

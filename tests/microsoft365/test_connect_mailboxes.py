@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 
 from postdesk.db.models import ChannelEvent, ChannelStatus
 from postdesk.runtime import Runtime
-from postdesk.sandbox import CONTOSO_TENANT_ID, SandboxDirectory
+from postdesk.sandbox import CONTOSO_TENANT_ID
 from tests.microsoft365.conftest import ADELE, MEGAN, SignIn, channels
 
 

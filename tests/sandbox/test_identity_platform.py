@@ -33,8 +33,9 @@ from postdesk.sandbox import (
     ensure_server_certificate,
 )
 from postdesk.sandbox.identity import ADELE_OID, new_client_secret_value
+from tests.support.sandbox_browser import Browser
 
-from .conftest import OUTLOOK_SCOPES, REDIRECT_URI, Browser, MsalFactory, callback_parameters
+from .conftest import OUTLOOK_SCOPES, REDIRECT_URI, MsalFactory, callback_parameters
 
 # MSAL recommends form_post on every auth code flow; these tests use both response modes on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:response_mode='form_post' is recommended:UserWarning")

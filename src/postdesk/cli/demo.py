@@ -81,7 +81,9 @@ def run_demo(*, port: int, sandbox_port: int, data_dir: Path) -> None:
         configure_logging(settings.log_level)
         password = _reset_admin(runtime)
         tenant = _register_sandbox_app(runtime, directory)
-        users = ", ".join(user.upn for user in directory.users.values() if user.tenant_id == CONTOSO_TENANT_ID)
+        users = ", ".join(
+            user.upn for user in directory.users.values() if user.tenant_id == CONTOSO_TENANT_ID
+        )
         console.print(
             Panel.fit(
                 f"Postdesk demo: [bold]http://127.0.0.1:{port}[/]\n\n"

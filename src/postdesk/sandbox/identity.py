@@ -1778,6 +1778,9 @@ class IdentityPlatform:
         users = sorted(self._candidates(pending), key=lambda u: (u.upn != hint, u.display_name))
         return self.page(
             "signin.html",
+            # The account and consent forms end in a redirect to the app: Chromium applies
+            # form-action to that redirect too, so the app's origin must be allowed.
+            form_target=pending.redirect_uri,
             title="Pick an account",
             app=app,
             authority=pending.authority,
@@ -1868,6 +1871,7 @@ class IdentityPlatform:
     ) -> HTMLResponse:
         return self.page(
             "consent.html",
+            form_target=pending.redirect_uri,
             title="Permissions requested",
             app=app,
             user=user,
@@ -1947,6 +1951,7 @@ class IdentityPlatform:
         admins = [user for user in self._candidates(pending) if user.is_admin]
         return self.page(
             "adminconsent.html",
+            form_target=pending.redirect_uri,
             title="Permissions requested for your organization",
             app=app,
             admins=admins,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -37,6 +38,7 @@ from postdesk.web.deps import CurrentAdmin, RuntimeDep, SessionDep, WebSessionDe
 from postdesk.web.sessions import SESSION_COOKIE, session_id_for
 from postdesk.web.templating import render
 
+log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 
 NOTICES = {
@@ -272,6 +274,8 @@ def callback(
         result = complete_sign_in(db, identity, flow_row=flow_row, params=params, actor=admin)
     except SignInError as failure:
         db.rollback()
+        # Kept in the log so support can match it with Microsoft's trace and correlation IDs.
+        log.warning("mailbox sign-in failed: %s (%s)", failure.title, failure.reference or "no reference")
         return channels_page(request, db, runtime, admin, status_code=400, sign_in_error=failure)
     db.commit()
     notice = "reauthenticated" if result.purpose == "reauth" or not result.created else "connected"
