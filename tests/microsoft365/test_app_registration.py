@@ -116,6 +116,12 @@ def test_a_generated_certificate_signs_in_without_any_secret(
     assert download.headers["content-disposition"] == 'attachment; filename="postdesk.cer"'
     certificate = x509.load_der_x509_certificate(download.content)
     directory.add_certificate(entra_app.client_id, download.content)
+    signin.desk.post(
+        "/channels/microsoft365/credential", data={"csrf_token": token, "credential": "certificate"}
+    )
+    assert (
+        'Signing in with: <strong id="credential-kind">the certificate' in signin.desk.get("/channels").text
+    )
     entra_app.client_secrets.clear()  # the admin deletes the secret in the portal
     with m365_runtime.sessions() as session:
         stored = session.query(MicrosoftApp).one()
@@ -125,6 +131,17 @@ def test_a_generated_certificate_signs_in_without_any_secret(
     assert certificate.not_valid_after_utc > certificate.not_valid_before_utc
     assert signin.connect(ADELE).status_code == 303
     assert [c.email for c in channels(m365_runtime)] == [ADELE]
+
+
+def test_a_new_certificate_is_not_used_until_the_admin_switches_to_it(
+    signin: SignIn, m365_runtime: Runtime
+) -> None:
+    token = csrf_from(signin.desk.get("/channels").text)
+    signin.desk.post("/channels/microsoft365/certificate", data={"csrf_token": token})
+    # Not uploaded to the app registration yet: the secret must keep working.
+    assert signin.connect(ADELE).status_code == 303
+    with m365_runtime.sessions() as session:
+        assert session.query(MicrosoftApp).one().credential_kind == "secret"
 
 
 def test_admin_consent_goes_to_the_tenant_adminconsent_endpoint_and_comes_back(signin: SignIn) -> None:

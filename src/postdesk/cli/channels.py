@@ -45,16 +45,24 @@ def app_set(
         typer.Option(help="'generate' for a new key pair, or a PEM file with certificate and private key."),
     ] = None,
     secret_expires: Annotated[str | None, typer.Option(help="The secret's expiry date (YYYY-MM-DD).")] = None,
-    cloud: Annotated[str, typer.Option(help="global, usgov or china.")] = "global",
-    account_types: Annotated[str, typer.Option(help="single, multi or multi_personal.")] = "single",
+    cloud: Annotated[
+        str | None, typer.Option(help="global, usgov or china (default: unchanged, else global).")
+    ] = None,
+    account_types: Annotated[
+        str | None, typer.Option(help="single, multi or multi_personal (default: unchanged, else single).")
+    ] = None,
 ) -> None:
     """Store the app registration Postdesk signs in with (secret or certificate encrypted at rest)."""
     if (client_secret_file is None) == (certificate is None):
         fail("give exactly one of --client-secret-file FILE or --certificate (generate | FILE.pem)")
+    runtime = start()
+    with runtime.sessions() as session:
+        existing = current_registration(session)
+        cloud = cloud or (existing.cloud if existing else runtime.settings.microsoft_cloud)
+        account_types = account_types or (existing.account_types if existing else "single")
     kinds = parse_account_types(account_types)
     if kinds is None:
         fail("--account-types must be single, multi or multi_personal")
-    runtime = start()
     secret = _read_secret(client_secret_file) if client_secret_file else None
     problems = validate_app_registration(
         client_id=client_id,
@@ -79,7 +87,9 @@ def app_set(
             registration.client_secret = secret
             registration.client_secret_expires_at = expires
         if certificate is not None:
+            # On the command line the certificate is named deliberately, so it is used at once.
             _apply_certificate(registration, certificate, runtime.settings.data_dir)
+            registration.use_certificate = True
         session.add(registration)
     console.print(f"Saved. Register this Web redirect URI in Entra ID: {runtime.settings.oauth_redirect_uri}")
 
@@ -123,9 +133,7 @@ def registration_json(registration: MicrosoftApp, redirect_uri: str) -> dict[str
         "tenant": registration.tenant,
         "cloud": registration.cloud,
         "account_types": registration.account_types,
-        "credential": "certificate"
-        if registration.certificate_private_key
-        else ("secret" if registration.client_secret else None),
+        "credential": registration.credential_kind,
         "client_secret_expires_at": registration.client_secret_expires_at,
         "certificate_thumbprint": registration.certificate_thumbprint,
         "certificate_expires_at": registration.certificate_expires_at,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -10,10 +11,11 @@ from typing import Annotated
 import typer
 
 from postdesk.cli import channels, tickets, users
-from postdesk.cli.common import console, start
+from postdesk.cli.common import console, errors, start
 from postdesk.cli.demo import run_demo
 from postdesk.cli.server import run_server
 from postdesk.db import migrate
+from postdesk.security.crypto import SecretError
 from postdesk.worker.jobs import default_jobs
 from postdesk.worker.scheduler import Scheduler
 
@@ -79,4 +81,11 @@ def demo(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SecretError as exc:
+        errors.print(
+            f"[bold red]error:[/] {exc}. See docs/runbook.md, “Recover from a lost secret key”.",
+            highlight=False,
+        )
+        sys.exit(2)

@@ -228,8 +228,16 @@ class MicrosoftApp(Base):
         EncryptedText("microsoft_app.certificate_private_key")
     )
     certificate_expires_at: Mapped[datetime | None]
+    # A new certificate is used only once the admin says it is uploaded, so sign-ins keep working meanwhile.
+    use_certificate: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    @property
+    def credential_kind(self) -> str | None:
+        if self.use_certificate and self.certificate_private_key:
+            return "certificate"
+        return "secret" if self.client_secret else None
 
 
 class Channel(Base):

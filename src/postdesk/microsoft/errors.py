@@ -203,9 +203,9 @@ class _Placeholders(dict[str, str]):
 
     _DEFAULTS: Mapping[str, str] = MappingProxyType(
         {
-            "redirect_uri": "the redirect URI shown in Postdesk under Settings → Microsoft 365 app",
+            "redirect_uri": "the redirect URI shown in Postdesk under Channels › Microsoft 365 app",
             "tenant": "your organization's tenant",
-            "admin_consent_url": "the admin consent link in Postdesk under Settings → Microsoft 365 app",
+            "admin_consent_url": "the admin consent link in Postdesk under Channels › Microsoft 365 app",
             "login_url": "https://login.microsoftonline.com",
         }
     )
@@ -220,9 +220,9 @@ class _Placeholders(dict[str, str]):
 
 _APP_PATH = "App registrations → {app}"
 _APP = f"In the Entra admin center open {_APP_PATH}"
-_POSTDESK_APP = "Postdesk under Settings → Microsoft 365 app"
+_POSTDESK_APP = "Postdesk under Channels › Microsoft 365 app"
 _SIGN_IN_AGAIN = (
-    "In Postdesk open Channels, choose this mailbox and click “Sign in again”, then sign in with the "
+    "In Postdesk open Channels, choose this mailbox and click “Re-authenticate”, then sign in with the "
     "account that connected it (for a shared mailbox: a user with Full Access to it)."
 )
 _CHECK_CLOCK = (
@@ -311,7 +311,7 @@ _SERVER_CLOCK = _app_setup(
 _MFA_NEEDED = _person(
     "Multifactor authentication is needed",
     "A policy in {tenant} now asks for a second factor, which Postdesk cannot provide in the background.",
-    "Sign in again from Postdesk (Channels → this mailbox → “Sign in again”) and complete the MFA prompt.",
+    "Sign in again from Postdesk (Channels › this mailbox › “Re-authenticate”) and complete the MFA prompt.",
 )
 
 _SERVICE_HICCUP = _retry(
@@ -511,7 +511,7 @@ _BY_CODE: dict[int, Explanation] = {
     900144: _app_setup(
         "A required value was missing from the request",
         "Microsoft says the request lacked {parameter}.",
-        "Check that Postdesk's Settings → Microsoft 365 app form is complete (client ID, tenant, and a "
+        "Check that Postdesk's Channels › Microsoft 365 app form is complete (client ID, tenant, and a "
         "secret or certificate) and save it again. If everything is filled in, report the problem with "
         "the support reference.",
     ),
@@ -591,13 +591,13 @@ _BY_CODE: dict[int, Explanation] = {
         "The account has to set up multifactor authentication",
         "Your organization requires MFA, and this account has not registered a method yet.",
         "The account's user registers a method at https://aka.ms/mysecurityinfo, then signs in again from "
-        "Postdesk (Channels → this mailbox → “Sign in again”).",
+        "Postdesk (Channels › this mailbox › “Re-authenticate”).",
     ),
     50072: _person(
         "The account has to set up multifactor authentication",
         "Your organization requires MFA, and this account has not registered a method yet.",
         "The account's user registers a method at https://aka.ms/mysecurityinfo, then signs in again from "
-        "Postdesk (Channels → this mailbox → “Sign in again”).",
+        "Postdesk (Channels › this mailbox › “Re-authenticate”).",
     ),
     50158: _person(
         "An extra security check was not completed",
@@ -622,7 +622,7 @@ _BY_CODE: dict[int, Explanation] = {
         "The account does not exist in this directory",
         "The username was mistyped, or the account belongs to another tenant than {tenant}.",
         "Sign in again with the account's sign-in name (UPN), which can differ from its email address. If "
-        "the account is in another tenant, check the tenant in Postdesk under Settings → Microsoft 365 app.",
+        "the account is in another tenant, check the tenant in Postdesk under Channels › Microsoft 365 app.",
     ),
     50057: _person(
         "The user account is disabled",
@@ -723,7 +723,7 @@ _BY_ERROR: dict[str, Explanation] = {
     "interaction_required": _person(
         "Microsoft needs the person to sign in interactively",
         "A policy asks for a step Postdesk cannot do in the background, such as MFA or accepting terms.",
-        "Click “Sign in again” for this mailbox in Postdesk's Channels screen and complete what Microsoft "
+        "Click “Re-authenticate” for this mailbox in Postdesk's Channels screen and complete what Microsoft "
         "asks.",
     ),
     "consent_required": _consent(

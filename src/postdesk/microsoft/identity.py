@@ -86,11 +86,12 @@ class MicrosoftIdentity:
 
     def _credential(self) -> str | dict[str, str]:
         app = self.registration
-        if app.certificate_private_key and app.certificate_thumbprint:
+        kind = app.credential_kind
+        if kind == "certificate" and app.certificate_private_key and app.certificate_thumbprint:
             return {"private_key": app.certificate_private_key, "thumbprint": app.certificate_thumbprint}
-        if app.client_secret:
+        if kind == "secret" and app.client_secret:
             return app.client_secret
-        raise NotConfigured("the app registration has neither a client secret nor a certificate")
+        raise NotConfigured("the app registration has neither a client secret nor an active certificate")
 
     def client(self, cache: msal.SerializableTokenCache | None = None) -> msal.ConfidentialClientApplication:
         custom_host = self.settings.microsoft_login_url is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import quote
@@ -13,11 +14,13 @@ from fastapi.staticfiles import StaticFiles
 
 from postdesk import __version__
 from postdesk.runtime import Runtime
+from postdesk.security.crypto import SecretError
 from postdesk.security.csrf import CSRF_COOKIE, new_seed
 from postdesk.web.deps import LoginRequired, csrf_protect
 from postdesk.web.routes import auth, health, microsoft365, pages, tickets
 from postdesk.web.templating import render
 
+log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 
 # No inline script or style anywhere: mail HTML is the most hostile content a help desk shows.
@@ -86,6 +89,14 @@ def _install_error_pages(app: FastAPI) -> None:
             {"status": exc.status_code, "message": exc.detail},
             status_code=exc.status_code,
         )
+
+    @app.exception_handler(SecretError)
+    async def undecryptable(request: Request, exc: SecretError) -> Response:
+        log.error("stored secret cannot be decrypted: %s", exc)
+        message = f"{exc}. See docs/runbook.md, “Recover from a lost secret key”."
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": message}, status_code=500)
+        return render(request, "error.html", {"status": 500, "message": message}, status_code=500)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, _exc: Exception) -> Response:

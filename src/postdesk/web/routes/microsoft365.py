@@ -43,7 +43,11 @@ router = APIRouter(include_in_schema=False)
 
 NOTICES = {
     "app-saved": "The app registration was saved. You can now add mailboxes.",
-    "certificate": "A new certificate was generated. Download it and upload it to the app registration.",
+    "certificate": "A new certificate was generated. Download it, upload it to the app registration under "
+    "Certificates & secrets › Certificates, then choose “Use the certificate”. "
+    "Until then the secret stays in use.",
+    "credential-certificate": "Postdesk now signs in with the certificate.",
+    "credential-secret": "Postdesk now signs in with the client secret.",
     "connected": "The mailbox is connected.",
     "reauthenticated": "The mailbox was re-authenticated; mail continues with the new sign-in.",
     "enabled": "The mailbox is enabled.",
@@ -77,6 +81,7 @@ def channels_page(
         "permissions": REQUIRED_DELEGATED_PERMISSIONS,
         "account_types": ACCOUNT_TYPES,
         "clouds": CLOUDS,
+        "default_cloud": settings.microsoft_cloud,
         "consent_url": consent_url,
         "notice": NOTICES.get(request.query_params.get("notice", "")),
         "problems": [],
@@ -178,9 +183,25 @@ def create_certificate(db: SessionDep, runtime: RuntimeDep, admin: CurrentAdmin)
     registration.certificate_private_key = generated.private_key_pem
     registration.certificate_thumbprint = generated.thumbprint
     registration.certificate_expires_at = generated.expires_at
+    registration.use_certificate = False
     registration.updated_at = utcnow()
     db.commit()
     return RedirectResponse("/channels?notice=certificate", status_code=303)
+
+
+@router.post("/channels/microsoft365/credential")
+def choose_credential(db: SessionDep, admin: CurrentAdmin, credential: Annotated[str, Form()]) -> Response:
+    registration = current_registration(db)
+    if registration is None:
+        raise HTTPException(status_code=409, detail="Save the app registration first.")
+    if credential == "certificate" and not registration.certificate_private_key:
+        raise HTTPException(status_code=409, detail="Generate a certificate first.")
+    if credential == "secret" and not registration.client_secret:
+        raise HTTPException(status_code=409, detail="Enter a client secret first.")
+    registration.use_certificate = credential == "certificate"
+    registration.updated_at = utcnow()
+    db.commit()
+    return RedirectResponse(f"/channels?notice=credential-{registration.credential_kind}", status_code=303)
 
 
 @router.get("/channels/microsoft365/certificate.cer")
@@ -203,7 +224,9 @@ def admin_consent(request: Request, db: SessionDep, runtime: RuntimeDep, admin: 
     identity = MicrosoftIdentity(runtime.settings, registration)
     state = begin_admin_consent(db, web_session_id=_web_session_id(request))
     db.commit()
+    scopes = [*identity.scopes, "offline_access", "openid", "profile", "email"]
     url = admin_consent_url(
+        scopes=scopes,
         login_url=identity.endpoints.login_url,
         tenant=registration.tenant,
         client_id=registration.client_id,
