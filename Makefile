@@ -35,9 +35,9 @@ check: install
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 
-bench: install
-	@echo "make bench: no benchmarks yet. This target is a stub until the first benchmark issue"
-	@echo "(IMAP ingest throughput, issue #4) lands; it measures nothing today."
+## Benchmarks: each figure next to a baseline measured in the same run (needs Dovecot, like the tests).
+bench: install system-packages
+	PYTHONPATH=. $(BIN)/python -m bench.ingest
 
 clean:
 	rm -rf $(VENV) postdesk-demo .pytest_cache .mypy_cache .ruff_cache

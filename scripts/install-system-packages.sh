@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the test suite runs for real: PostgreSQL and Chromium.
+# Installs the Debian packages the test suite runs for real: PostgreSQL, Chromium and Dovecot.
 # Does nothing when they are already there; needs root (or sudo) otherwise.
 set -euo pipefail
 
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+[ -x /usr/sbin/dovecot ] || missing+=(dovecot-imapd)
 # Fonts keep Chromium's rendering (and screenshots) readable on a minimal machine.
 [ -d /usr/share/fonts/truetype/dejavu ] || missing+=(fonts-dejavu-core)
 

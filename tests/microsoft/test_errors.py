@@ -247,7 +247,7 @@ def test_it_names_the_app_by_client_id_in_entra_admin_center_steps() -> None:
 def test_it_points_to_the_postdesk_screen_when_no_redirect_uri_is_known() -> None:
     explanation = explain(coded(50011, "invalid_request"))
 
-    assert "the redirect URI shown in Postdesk under Settings → Microsoft 365 app" in explanation.fix
+    assert "the redirect URI shown in Postdesk under Channels › Microsoft 365 app" in explanation.fix
 
 
 def test_it_tells_the_admin_a_rejected_secret_is_usually_the_secret_id() -> None:
@@ -282,7 +282,7 @@ def test_it_asks_for_a_new_sign_in_when_the_refresh_token_is_gone(code: int) -> 
     explanation = explain(coded(code))
 
     assert (explanation.remedy, explanation.channel_status) == (Remedy.REAUTHENTICATE, "needs_reauth")
-    assert "Sign in again" in explanation.fix
+    assert "Re-authenticate" in explanation.fix
 
 
 def test_it_mentions_the_ninety_day_inactivity_limit() -> None:

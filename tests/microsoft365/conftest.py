@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from postdesk.runtime import Runtime, bootstrap
 from postdesk.sandbox import CONTOSO_TENANT_ID, RegisteredApp, SandboxDirectory, SandboxServer
 from postdesk.web.app import create_app
 from tests.conftest import ADMIN_PASSWORD, add_user, sign_in
+from tests.support.dovecot import DovecotServer
 from tests.support.sandbox_browser import Browser
 
 BASE_URL = "http://127.0.0.1:8025"
@@ -27,6 +29,7 @@ CALLBACK = f"{BASE_URL}/auth/microsoft365/callback"
 ADELE = "adele.vance@contoso.onmicrosoft.com"
 MEGAN = "megan.bowen@contoso.onmicrosoft.com"
 ALEX = "alex.wilber@fabrikam.onmicrosoft.com"
+_mailbox_numbers = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
@@ -135,3 +138,34 @@ def channels(runtime: Runtime) -> list[Channel]:
 
 ChannelLookup = Callable[[Runtime], list[Channel]]
 __all__ = ["ADELE", "ALEX", "CONTOSO_TENANT_ID", "MEGAN", "Any", "SignIn", "channels", "store_app"]
+
+
+@pytest.fixture(scope="session")
+def dovecot(sandbox: SandboxServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotServer]:
+    """A real Dovecot standing in for outlook.office365.com:993, trusting the sandbox's tokens."""
+    server = DovecotServer(
+        tmp_path_factory.mktemp("dovecot"), sandbox_base_url=sandbox.base_url, sandbox_ca=sandbox.ca_path
+    )
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def trusted_cas(
+    sandbox: SandboxServer, dovecot: DovecotServer, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """POSTDESK_CA_BUNDLE for a desk that talks to both the sandbox and Dovecot."""
+    bundle = tmp_path_factory.mktemp("cas") / "cas.pem"
+    bundle.write_text(sandbox.ca_path.read_text() + dovecot.ca_path.read_text())
+    return bundle
+
+
+@pytest.fixture
+def mailbox_user(directory: SandboxDirectory) -> str:
+    """A sandbox user (and so a Dovecot mailbox) of its own for one test."""
+    number = next(_mailbox_numbers)
+    return directory.add_user(
+        upn=f"desk{number}@contoso.onmicrosoft.com",
+        display_name=f"Help Desk {number}",
+        tenant_id=CONTOSO_TENANT_ID,
+    ).upn

@@ -30,7 +30,11 @@ CHROMIUM_ARGS = [
 def serve_in_thread(app: FastAPI, *, port: int | None = None) -> Iterator[str]:
     """Run ``app`` with uvicorn on 127.0.0.1; yield its base URL."""
     port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_config=None, lifespan="off", timeout_graceful_shutdown=1
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base_url = f"http://127.0.0.1:{port}"

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from postdesk.cli import channels, tickets, users
+from postdesk.cli import channels, mail, tickets, users
 from postdesk.cli.common import console, errors, start
 from postdesk.cli.demo import run_demo
 from postdesk.cli.server import run_server
@@ -30,6 +30,8 @@ app.add_typer(users.app, name="user")
 app.add_typer(tickets.app, name="ticket")
 app.add_typer(channels.microsoft365_app, name="microsoft365")
 app.add_typer(channels.app, name="channel")
+app.add_typer(mail.quarantine_app, name="quarantine")
+channels.app.command("fetch")(mail.fetch_command)
 
 
 @app.command()

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Enum,
@@ -60,6 +61,22 @@ class TicketState(enum.StrEnum):
 class Direction(enum.StrEnum):
     INBOUND = "inbound"
     OUTBOUND = "outbound"
+
+
+class InboundStatus(enum.StrEnum):
+    STORED = "stored"  # raw bytes safe in the spool, not yet turned into an article
+    PROCESSED = "processed"
+    DUPLICATE = "duplicate"
+    QUARANTINED = "quarantined"
+
+
+class BacklogPolicy(enum.StrEnum):
+    """What to do with mail that was already in the folder when the mailbox was connected."""
+
+    UNREAD = "unread"
+    ALL = "all"
+    SINCE = "since"
+    NONE = "none"
 
 
 class Transport(enum.StrEnum):
@@ -184,6 +201,9 @@ class Article(Base):
     references: Mapped[str | None] = mapped_column(Text)
     author_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     channel_id: Mapped[int | None] = mapped_column(ForeignKey("channels.id", ondelete="SET NULL"))
+    # Auto-replies, bulk mail and bounces are kept but never answered automatically.
+    auto_generated: Mapped[bool] = mapped_column(Boolean, default=False)
+    classification: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     ticket: Mapped[Ticket] = relationship(back_populates="articles")
@@ -262,14 +282,63 @@ class Channel(Base):
     account_username: Mapped[str | None] = mapped_column(String(EMAIL_LENGTH))
     token_cache: Mapped[str | None] = mapped_column(EncryptedText("channel.token_cache"))
     folder: Mapped[str] = mapped_column(String(255), default="INBOX")
+    delete_after_fetch: Mapped[bool] = mapped_column(Boolean, default=False)
+    max_message_bytes: Mapped[int] = mapped_column(Integer, default=25 * 1024 * 1024)
+    fetch_interval_seconds: Mapped[int] = mapped_column(Integer, default=30)
+    # Where the folder stood when it was first opened: UIDs below the baseline are the backlog.
+    imap_uidvalidity: Mapped[int | None] = mapped_column(BigInteger)
+    imap_baseline_uid: Mapped[int | None] = mapped_column(BigInteger)
+    imap_last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+    backlog_policy: Mapped[BacklogPolicy] = mapped_column(
+        _enum(BacklogPolicy, "backlog_policy"), default=BacklogPolicy.UNREAD
+    )
+    backlog_since: Mapped[datetime | None]
+    backlog_count: Mapped[int | None] = mapped_column(Integer)
+    backlog_confirmed: Mapped[bool] = mapped_column(Boolean, default=False)
+    backlog_done: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     connected_at: Mapped[datetime | None]
     last_fetch_at: Mapped[datetime | None]
+    last_fetch_summary: Mapped[str] = mapped_column(String(200), default="")
+    last_mail_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     last_error_at: Mapped[datetime | None]
 
     group: Mapped[Group | None] = relationship()
     microsoft_app: Mapped[MicrosoftApp | None] = relationship()
+
+
+class InboundMessage(Base):
+    """One message fetched from a mailbox: its raw bytes are in the spool before this row is committed,
+    and the row is committed before the server copy is flagged or deleted."""
+
+    __tablename__ = "inbound_messages"
+    __table_args__ = (
+        UniqueConstraint("channel_id", "folder", "uidvalidity", "uid"),
+        Index("ix_inbound_messages_channel_id_status", "channel_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    channel_id: Mapped[int] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"))
+    folder: Mapped[str] = mapped_column(String(255))
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    uid: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(Integer)
+    status: Mapped[InboundStatus] = mapped_column(
+        _enum(InboundStatus, "inbound_status"), default=InboundStatus.STORED
+    )
+    reason: Mapped[str | None] = mapped_column(Text)
+    message_id: Mapped[str | None] = mapped_column(String(998), index=True)
+    subject: Mapped[str] = mapped_column(Text, default="")
+    sender: Mapped[str] = mapped_column(Text, default="")
+    # Whether the server copy has been flagged \Seen or deleted as the channel asks.
+    server_done: Mapped[bool] = mapped_column(Boolean, default=False)
+    article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id", ondelete="SET NULL"))
+    fetched_at: Mapped[datetime] = mapped_column(default=utcnow)
+    processed_at: Mapped[datetime | None]
+
+    channel: Mapped[Channel] = relationship()
 
 
 class ChannelEvent(Base):

@@ -66,6 +66,8 @@ class SandboxServer:
             # Request lines can carry codes and hints; the sandbox keeps them out of the logs.
             access_log=False,
             lifespan="off",
+            # Clients such as MSAL keep connections alive; do not wait for them at shutdown.
+            timeout_graceful_shutdown=1,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(

@@ -69,6 +69,8 @@ class NewArticle:
     references: str | None = None
     author: User | None = None
     channel: Channel | None = None
+    auto_generated: bool = False
+    classification: str = ""
 
 
 def create_ticket(
@@ -111,6 +113,8 @@ def add_article(session: Session, ticket: Ticket, new: NewArticle) -> Article:
         references=new.references,
         author=new.author,
         channel_id=new.channel.id if new.channel else None,
+        auto_generated=new.auto_generated,
+        classification=new.classification,
         created_at=utcnow(),
     )
     ticket.articles.append(article)

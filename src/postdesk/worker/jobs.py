@@ -12,6 +12,7 @@ from postdesk.db.session import transaction
 from postdesk.db.types import utcnow
 from postdesk.runtime import Runtime
 from postdesk.web.sessions import purge_expired_sessions
+from postdesk.worker.mail import MailScheduler
 from postdesk.worker.scheduler import Job
 
 log = logging.getLogger(__name__)
@@ -33,4 +34,8 @@ def purge_stale_sign_ins(runtime: Runtime) -> None:
 
 
 def default_jobs() -> list[Job]:
-    return [Job("purge-stale-sign-ins", interval_seconds=600, run=purge_stale_sign_ins)]
+    mail = MailScheduler()
+    return [
+        Job("fetch-mail", interval_seconds=5, run=mail, on_stop=mail.shutdown),
+        Job("purge-stale-sign-ins", interval_seconds=600, run=purge_stale_sign_ins),
+    ]

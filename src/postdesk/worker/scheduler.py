@@ -23,6 +23,7 @@ class Job:
     name: str
     interval_seconds: float
     run: Callable[[Runtime], object]
+    on_stop: Callable[[], object] | None = None
     next_due: float = field(default=0.0)
     failures: int = 0
 
@@ -68,7 +69,12 @@ class Scheduler:
 
     def run_until(self, stop: threading.Event) -> None:
         log.info("worker started with jobs: %s", ", ".join(job.name for job in self.jobs))
-        while not stop.is_set():
-            self.run_due_jobs()
-            stop.wait(min(self.seconds_until_next(), 5.0))
+        try:
+            while not stop.is_set():
+                self.run_due_jobs()
+                stop.wait(min(self.seconds_until_next(), 1.0))
+        finally:
+            for job in self.jobs:
+                if job.on_stop is not None:
+                    job.on_stop()
         log.info("worker stopped")

@@ -11,7 +11,7 @@ from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from postdesk.db.models import Channel, ChannelEvent, ChannelStatus, MicrosoftApp, User
+from postdesk.db.models import Channel, ChannelEvent, ChannelStatus, Group, MicrosoftApp, User
 from postdesk.db.types import utcnow
 from postdesk.microsoft.certificates import certificate_der, generate_certificate
 from postdesk.microsoft.clouds import CLOUDS
@@ -363,8 +363,21 @@ def channel_detail(request: Request, channel_id: int, db: SessionDep, admin: Cur
         .order_by(ChannelEvent.created_at.desc(), ChannelEvent.id.desc())
         .limit(200)
     ).all()
+    groups = db.scalars(select(Group).order_by(Group.name)).all()
+    notice = {
+        "saved": "Settings saved.",
+        "fetching": "Fetching now; reload in a moment for the result.",
+        "backlog": "Your choice about the existing mail is saved.",
+    }.get(request.query_params.get("notice", ""))
     return render(
         request,
         "channels/detail.html",
-        {"section": "channels", "user": admin, "channel": channel, "events": events},
+        {
+            "section": "channels",
+            "user": admin,
+            "channel": channel,
+            "events": events,
+            "groups": groups,
+            "notice": notice,
+        },
     )

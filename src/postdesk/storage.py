@@ -1,7 +1,8 @@
-"""Attachment bytes on disk, addressed by their SHA-256, so identical files are stored once.
+"""Content-addressed files on disk: raw mail in the spool, attachment bytes.
 
-Layout: ``DATA_DIR/attachments/ab/cd/abcd…`` — the directory can live on shared storage (NFS, a
-mounted volume) because files are only ever created by an atomic rename and never modified.
+Layout: ``ROOT/ab/cd/abcd…`` named by SHA-256, so identical content is stored once. Files are only
+ever created by write-fsync-rename and never modified, so the directories can live on shared storage
+(NFS, a mounted volume) used by several workers.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The inbound pipeline: stored raw mail → named steps → a ticket, a follow-up, or quarantine."""

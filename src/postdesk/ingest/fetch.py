@@ -1,0 +1,394 @@
+"""One fetch pass over one mailbox: new mail is made durable here before the server copy is touched.
+
+Order of events for every batch, which is what makes a crash at any point safe:
+1. the raw bytes are written to the spool and fsynced (content-addressed, so rewriting is harmless);
+2. the inbound rows and the channel's new last UID are committed together;
+3. only then is the server copy flagged \\Seen or deleted, and the row marked ``server_done``;
+4. the rows are processed into articles, each in its own transaction.
+A crash before 2 refetches the batch; after 2 the rows exist and step 3 is finished at the next pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from postdesk.db.models import (
+    BacklogPolicy,
+    Channel,
+    ChannelEvent,
+    ChannelStatus,
+    InboundMessage,
+    InboundStatus,
+)
+from postdesk.db.types import utcnow
+from postdesk.ingest.process import ProcessCounts, process_stored
+from postdesk.ingest.quickheaders import summary_headers
+from postdesk.microsoft.clouds import endpoints_for
+from postdesk.microsoft.identity import MicrosoftIdentity, trust_store
+from postdesk.microsoft.tokens import TokenError, acquire_access_token
+from postdesk.runtime import Runtime
+from postdesk.storage import store_bytes
+from postdesk.transports.errors import TransportError
+from postdesk.transports.imap import FetchedMessage, FolderState, ImapMailbox
+
+log = logging.getLogger(__name__)
+BATCH = 50
+BACKLOG_AUTO_IMPORT = 0  # any backlog at all waits for the admin to confirm the count
+
+MailboxFactory = Callable[[Runtime], ImapMailbox]
+_channel_locks: dict[int, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock_for(channel_id: int) -> threading.Lock:
+    with _locks_guard:
+        return _channel_locks.setdefault(channel_id, threading.Lock())
+
+
+def default_mailbox(runtime: Runtime) -> ImapMailbox:
+    store = trust_store(runtime.settings)
+    context = ssl.create_default_context(cafile=store if isinstance(store, str) else None)
+    return ImapMailbox(endpoints_for(runtime.settings).imap, ssl_context=context)
+
+
+@dataclass
+class FetchResult:
+    channel_id: int
+    email: str = ""
+    fetched: int = 0
+    processed: ProcessCounts = field(default_factory=ProcessCounts)
+    backlog_waiting: int | None = None
+    skipped: str | None = None
+    error: str | None = None
+
+    @property
+    def summary(self) -> str:
+        if self.error:
+            return f"failed: {self.error}"
+        if self.skipped:
+            return f"skipped: {self.skipped}"
+        p = self.processed
+        text = (
+            f"{self.fetched} fetched, {p.tickets} new tickets, {p.follow_ups} follow-ups, "
+            f"{p.duplicates} duplicates, {p.quarantined} quarantined"
+        )
+        if self.backlog_waiting:
+            text += f"; {self.backlog_waiting} older messages wait for an import decision"
+        return text
+
+
+class _Refused(Exception):
+    def __init__(self, message: str, status: ChannelStatus) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def fetch_channel(
+    runtime: Runtime,
+    channel_id: int,
+    *,
+    mailbox_factory: MailboxFactory = default_mailbox,
+    progress: Callable[[int, int], None] | None = None,
+) -> FetchResult:
+    """Fetch and process one mailbox now. Never raises for mail or server trouble: it is in the result
+    and on the channel row (``last_error``) in words that say what to do."""
+    result = FetchResult(channel_id=channel_id)
+    lock = _lock_for(channel_id)
+    if not lock.acquire(blocking=False):
+        result.skipped = "a fetch of this mailbox is already running"
+        return result
+    try:
+        _guarded_fetch(runtime, result, mailbox_factory, progress)
+        # Also picks up rows an interrupted earlier pass stored but did not process.
+        result.processed = process_stored(runtime, channel_id=channel_id)
+    finally:
+        lock.release()
+    _record_success(runtime, result)
+    return result
+
+
+def _guarded_fetch(
+    runtime: Runtime,
+    result: FetchResult,
+    factory: MailboxFactory,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    try:
+        _fetch(runtime, result, factory, progress)
+    except _Refused as exc:
+        result.error = str(exc)
+        _record_failure(runtime, result.channel_id, str(exc), exc.status)
+    except TransportError as exc:
+        result.error = str(exc)
+        _record_failure(
+            runtime, result.channel_id, str(exc), ChannelStatus.ERROR if exc.permanent else ChannelStatus.OK
+        )
+    except OSError as exc:
+        result.error = (
+            f"cannot write to the mail spool ({exc.strerror or exc}); nothing was removed from the server"
+        )
+        _record_failure(runtime, result.channel_id, result.error, ChannelStatus.ERROR)
+
+
+def _fetch(
+    runtime: Runtime,
+    result: FetchResult,
+    factory: MailboxFactory,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    with runtime.sessions() as session:
+        channel = session.get(Channel, result.channel_id)
+        if channel is None:
+            result.skipped = "the mailbox no longer exists"
+            return
+        result.email = channel.email
+        if channel.status in (ChannelStatus.DISABLED, ChannelStatus.NEEDS_REAUTH):
+            result.skipped = f"the mailbox is {channel.status.value.replace('_', ' ')}"
+            return
+        token = _access_token(session, runtime, channel, force=False)
+        session.commit()
+    with factory(runtime) as mailbox:
+        _login(runtime, mailbox, result.channel_id, result.email, token)
+        _run_pass(runtime, mailbox, result, progress)
+
+
+def access_token_for_channel(session: Session, runtime: Runtime, channel: Channel) -> str:
+    """A usable access token for the channel's mailbox (refreshed by MSAL when it is about to expire)."""
+    return _access_token(session, runtime, channel, force=False)
+
+
+def _access_token(session: Session, runtime: Runtime, channel: Channel, *, force: bool) -> str:
+    if channel.microsoft_app is None:
+        raise _Refused("no Microsoft 365 app is connected; set it up under Channels", ChannelStatus.ERROR)
+    identity = MicrosoftIdentity(runtime.settings, channel.microsoft_app)
+    try:
+        return acquire_access_token(session, identity, channel, force_refresh=force).value
+    except TokenError as exc:
+        status = ChannelStatus(exc.explanation.channel_status)
+        if exc.explanation.transient:
+            raise TransportError(f"{exc.explanation.title} ({exc.reference}); retrying later") from exc
+        raise _Refused(f"{exc.explanation.title}: {exc.explanation.fix} ({exc.reference})", status) from exc
+
+
+def _login(runtime: Runtime, mailbox: ImapMailbox, channel_id: int, email: str, token: str) -> None:
+    try:
+        mailbox.login(email, token)
+        return
+    except TransportError as exc:
+        if not exc.needs_reauth:
+            raise
+    # A refused token may just be stale (revoked, rotated keys): refresh once and try again.
+    with runtime.sessions() as session:
+        channel = session.get(Channel, channel_id)
+        assert channel is not None
+        fresh = _access_token(session, runtime, channel, force=True)
+        session.commit()
+    try:
+        mailbox.login(email, fresh)
+    except TransportError as exc:
+        if not exc.needs_reauth:
+            raise
+        raise _Refused(
+            f"{exc}. Microsoft issued a fresh token but the IMAP server still refused it. Check that IMAP is "
+            f"enabled for the mailbox (Exchange Online PowerShell: Set-CASMailbox -Identity {email} "
+            "-ImapEnabled $true) and that the app has the delegated permission IMAP.AccessAsUser.All",
+            ChannelStatus.ERROR,
+        ) from exc
+
+
+def _run_pass(
+    runtime: Runtime, mailbox: ImapMailbox, result: FetchResult, progress: Callable[[int, int], None] | None
+) -> None:
+    with runtime.sessions() as session:
+        channel = session.get(Channel, result.channel_id)
+        assert channel is not None
+        folder = channel.folder
+        state = mailbox.open(folder)
+        _finish_server_actions(session, mailbox, channel, state)
+        _note_folder_state(session, channel, state)
+        uids = mailbox.uids_after(channel.imap_last_uid)
+        uids = [uid for uid in uids if channel.imap_baseline_uid is None or uid >= channel.imap_baseline_uid]
+        backlog = _backlog(session, mailbox, channel)
+        result.backlog_waiting = channel.backlog_count if not channel.backlog_confirmed else None
+        session.commit()
+    todo = backlog + uids
+    for start in range(0, len(todo), BATCH):
+        batch = todo[start : start + BATCH]
+        stored = _store_batch(
+            runtime, result, folder, state, list(mailbox.fetch(batch)), is_backlog=start < len(backlog)
+        )
+        _server_actions(runtime, mailbox, result.channel_id, stored)
+        result.fetched += len(batch)
+        if progress is not None:
+            progress(min(start + BATCH, len(todo)), len(todo))
+    if backlog:
+        with runtime.sessions() as session, session.begin():
+            channel = session.get(Channel, result.channel_id)
+            assert channel is not None
+            channel.backlog_done = True
+
+
+def _note_folder_state(session: Session, channel: Channel, state: FolderState) -> None:
+    if channel.imap_uidvalidity is None:
+        # First contact: everything from UIDNEXT on is new mail; what is already there is the backlog.
+        channel.imap_uidvalidity = state.uidvalidity
+        channel.imap_baseline_uid = state.uidnext
+        channel.imap_last_uid = max(0, state.uidnext - 1)
+        return
+    if channel.imap_uidvalidity != state.uidvalidity:
+        # The server renumbered the folder: read it all again; duplicates are recognised when stored.
+        session.add(
+            ChannelEvent(
+                channel_id=channel.id,
+                kind="resync",
+                message=f"UIDVALIDITY changed from {channel.imap_uidvalidity} to "
+                f"{state.uidvalidity}; the folder is read again without duplicating mail.",
+            )
+        )
+        channel.imap_uidvalidity = state.uidvalidity
+        channel.imap_baseline_uid = None
+        channel.imap_last_uid = 0
+
+
+def _backlog(session: Session, mailbox: ImapMailbox, channel: Channel) -> list[int]:
+    baseline = channel.imap_baseline_uid
+    if baseline is None or channel.backlog_done or channel.backlog_policy is BacklogPolicy.NONE:
+        return []
+    since = (
+        channel.backlog_since.date()
+        if channel.backlog_policy is BacklogPolicy.SINCE and channel.backlog_since
+        else None
+    )
+    uids = mailbox.backlog_uids(
+        baseline, unseen_only=channel.backlog_policy is BacklogPolicy.UNREAD, since=since
+    )
+    channel.backlog_count = len(uids)
+    if not uids:
+        channel.backlog_done = True
+        return []
+    return uids if channel.backlog_confirmed else []
+
+
+def _store_batch(
+    runtime: Runtime,
+    result: FetchResult,
+    folder: str,
+    state: FolderState,
+    messages: list[FetchedMessage],
+    *,
+    is_backlog: bool,
+) -> list[int]:
+    """Spool, then commit rows and the new last UID together. Returns the UIDs now safely stored."""
+    digests = [(message, store_bytes(runtime.settings.spool_dir, message.raw)) for message in messages]
+    with runtime.sessions() as session, session.begin():
+        channel = session.get(Channel, result.channel_id)
+        assert channel is not None
+        known = set(
+            session.scalars(
+                select(InboundMessage.sha256).where(
+                    InboundMessage.channel_id == channel.id,
+                    InboundMessage.sha256.in_([d for _, d in digests]),
+                )
+            )
+        )
+        for message, digest in digests:
+            if digest in known:
+                continue  # the same bytes again, e.g. after a UIDVALIDITY change
+            known.add(digest)
+            headers = summary_headers(message.raw)
+            session.add(
+                InboundMessage(
+                    channel_id=channel.id,
+                    folder=folder,
+                    uidvalidity=state.uidvalidity,
+                    uid=message.uid,
+                    sha256=digest,
+                    size=len(message.raw),
+                    message_id=headers.message_id,
+                    subject=headers.subject,
+                    sender=headers.sender,
+                    status=InboundStatus.STORED,
+                )
+            )
+        if messages and not is_backlog:
+            channel.imap_last_uid = max(channel.imap_last_uid, *(m.uid for m in messages))
+        if messages:
+            channel.last_mail_at = utcnow()
+    return [message.uid for message in messages]
+
+
+def _server_actions(runtime: Runtime, mailbox: ImapMailbox, channel_id: int, uids: list[int]) -> None:
+    if not uids:
+        return
+    with runtime.sessions() as session, session.begin():
+        channel = session.get(Channel, channel_id)
+        assert channel is not None
+        (mailbox.delete if channel.delete_after_fetch else mailbox.mark_seen)(uids)
+        rows = session.scalars(
+            select(InboundMessage).where(
+                InboundMessage.channel_id == channel_id,
+                InboundMessage.uid.in_(uids),
+                InboundMessage.uidvalidity == channel.imap_uidvalidity,
+            )
+        )
+        for row in rows:
+            row.server_done = True
+
+
+def _finish_server_actions(
+    session: Session, mailbox: ImapMailbox, channel: Channel, state: FolderState
+) -> None:
+    """Flag or delete what an earlier pass stored but did not get to (it was interrupted)."""
+    rows = list(
+        session.scalars(
+            select(InboundMessage).where(
+                InboundMessage.channel_id == channel.id,
+                InboundMessage.server_done.is_(False),
+                InboundMessage.uidvalidity == state.uidvalidity,
+                InboundMessage.folder == channel.folder,
+            )
+        )
+    )
+    if not rows:
+        return
+    (mailbox.delete if channel.delete_after_fetch else mailbox.mark_seen)([row.uid for row in rows])
+    for row in rows:
+        row.server_done = True
+
+
+def _record_failure(runtime: Runtime, channel_id: int, message: str, status: ChannelStatus) -> None:
+    log.warning("fetching channel %s failed: %s", channel_id, message)
+    with runtime.sessions() as session, session.begin():
+        channel = session.get(Channel, channel_id)
+        if channel is None:
+            return
+        if channel.last_error != message:
+            session.add(ChannelEvent(channel_id=channel_id, kind="error", message=message))
+        channel.last_error = message
+        channel.last_error_at = utcnow()
+        if status is not ChannelStatus.OK:
+            channel.status = status
+
+
+def _record_success(runtime: Runtime, result: FetchResult) -> None:
+    if result.error or result.skipped:
+        return
+    with runtime.sessions() as session, session.begin():
+        channel = session.get(Channel, result.channel_id)
+        if channel is None:
+            return
+        channel.last_fetch_at = utcnow()
+        channel.last_fetch_summary = result.summary[:200]
+        if channel.last_error:
+            session.add(
+                ChannelEvent(channel_id=channel.id, kind="recovered", message="Fetching works again.")
+            )
+        channel.last_error = None
+        channel.last_error_at = None

@@ -1,0 +1,1 @@
+"""Mail transports: they move bytes to and from Microsoft 365 and know nothing about tickets."""

@@ -1,0 +1,203 @@
+"""IMAP over implicit TLS with SASL XOAUTH2, as Exchange Online offers it (outlook.office365.com:993).
+
+A thin layer over IMAPClient: open a folder, list UIDs, fetch raw bytes, flag or delete. Every IMAP or
+socket failure becomes a ``TransportError`` that says whether retrying can help.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import imaplib
+import socket
+import ssl
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date
+from types import TracebackType
+from typing import Any
+
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientError, LoginError
+
+from postdesk.transports.errors import TransportError
+
+CONNECT_TIMEOUT = 30.0
+FETCH_BATCH = 50
+
+
+@dataclass(frozen=True)
+class FolderState:
+    uidvalidity: int
+    uidnext: int
+    exists: int
+
+
+@dataclass(frozen=True)
+class FetchedMessage:
+    uid: int
+    raw: bytes
+    seen: bool
+
+
+def _host_port(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host, int(port)
+
+
+def _failure(action: str, exc: Exception) -> TransportError:
+    text = str(exc).strip() or exc.__class__.__name__
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return TransportError(
+            f"the IMAP server's TLS certificate is not trusted ({exc.verify_message}); "
+            "check POSTDESK_MICROSOFT_IMAP and POSTDESK_CA_BUNDLE",
+            permanent=True,
+        )
+    if isinstance(exc, socket.gaierror):
+        return TransportError(f"cannot resolve the IMAP host ({text}); check POSTDESK_MICROSOFT_IMAP and DNS")
+    return TransportError(f"{action} failed: {text}")
+
+
+class ImapMailbox:
+    """One authenticated IMAP session on one mailbox. Use as a context manager."""
+
+    def __init__(
+        self, endpoint: str, *, ssl_context: ssl.SSLContext, timeout: float = CONNECT_TIMEOUT
+    ) -> None:
+        self.endpoint = endpoint
+        self._ssl_context = ssl_context
+        self._timeout = timeout
+        self._client: IMAPClient | None = None
+
+    def login(self, username: str, access_token: str) -> None:
+        host, port = _host_port(self.endpoint)
+        try:
+            self._client = IMAPClient(
+                host, port=port, ssl=True, ssl_context=self._ssl_context, timeout=self._timeout
+            )
+        except (OSError, IMAPClientError) as exc:
+            raise _failure(f"connecting to {self.endpoint}", exc) from exc
+        try:
+            self._client.oauth2_login(username, access_token)
+        except LoginError as exc:
+            self.close()
+            raise TransportError(
+                f"the IMAP server refused the sign-in for {username}: {_text(exc)}", needs_reauth=True
+            ) from exc
+        except (OSError, IMAPClientError) as exc:
+            self.close()
+            raise _failure("IMAP sign-in", exc) from exc
+
+    @property
+    def client(self) -> IMAPClient:
+        if self._client is None:
+            raise TransportError("not connected")
+        return self._client
+
+    def _call(self, action: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except (OSError, IMAPClientError, imaplib.IMAP4.abort) as exc:
+            raise _failure(action, exc) from exc
+
+    def folders(self) -> list[str]:
+        listed = self._call("listing folders", self.client.list_folders)
+        return sorted(str(name) for flags, _delimiter, name in listed if b"\\Noselect" not in flags)
+
+    def open(self, folder: str) -> FolderState:
+        try:
+            state = self.client.select_folder(folder)
+        except IMAPClientError as exc:
+            raise TransportError(f"cannot open the folder {folder!r}: {_text(exc)}", permanent=True) from exc
+        except OSError as exc:
+            raise _failure(f"opening {folder!r}", exc) from exc
+        return FolderState(
+            uidvalidity=int(state[b"UIDVALIDITY"]),
+            uidnext=int(state.get(b"UIDNEXT", 0)),
+            exists=int(state.get(b"EXISTS", 0)),
+        )
+
+    def uids_after(self, last_uid: int) -> list[int]:
+        # "N:*" always includes the highest UID even when it is below N, so filter.
+        found = self._call("searching", self.client.search, ["UID", f"{last_uid + 1}:*"])
+        return sorted(uid for uid in found if uid > last_uid)
+
+    def backlog_uids(self, below_uid: int, *, unseen_only: bool, since: date | None) -> list[int]:
+        if below_uid <= 1:
+            return []
+        criteria: list[Any] = ["UID", f"1:{below_uid - 1}"]
+        if unseen_only:
+            criteria.append("UNSEEN")
+        if since is not None:
+            criteria.extend(["SINCE", since])
+        return sorted(uid for uid in self._call("searching", self.client.search, criteria) if uid < below_uid)
+
+    def sizes(self, uids: Sequence[int]) -> dict[int, int]:
+        answer = self._call("reading sizes", self.client.fetch, list(uids), ["RFC822.SIZE"])
+        return {uid: int(data[b"RFC822.SIZE"]) for uid, data in answer.items()}
+
+    def fetch(self, uids: Sequence[int]) -> Iterator[FetchedMessage]:
+        """Raw bytes of each message, without setting \\Seen (BODY.PEEK)."""
+        for start in range(0, len(uids), FETCH_BATCH):
+            batch = list(uids[start : start + FETCH_BATCH])
+            answer = self._call("fetching mail", self.client.fetch, batch, ["BODY.PEEK[]", "FLAGS"])
+            for uid in batch:
+                data = answer.get(uid)
+                if data is None or b"BODY[]" not in data:
+                    continue  # expunged meanwhile
+                yield FetchedMessage(
+                    uid=uid, raw=bytes(data[b"BODY[]"]), seen=b"\\Seen" in data.get(b"FLAGS", ())
+                )
+
+    def mark_seen(self, uids: Sequence[int]) -> None:
+        if uids:
+            self._call("flagging mail as read", self.client.add_flags, list(uids), [b"\\Seen"], silent=True)
+
+    def delete(self, uids: Sequence[int]) -> None:
+        if not uids:
+            return
+        self._call("deleting mail", self.client.delete_messages, list(uids), silent=True)
+        if self.client.has_capability("UIDPLUS"):
+            self._call("expunging", self.client.uid_expunge, list(uids))
+        else:
+            self._call("expunging", self.client.expunge)
+
+    def supports_idle(self) -> bool:
+        return bool(self._call("reading capabilities", self.client.has_capability, "IDLE"))
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """IDLE for up to ``timeout`` seconds; True when the server announced new or changed mail."""
+        self._call("starting IDLE", self.client.idle)
+        try:
+            responses = self._call("waiting in IDLE", self.client.idle_check, timeout=timeout)
+        finally:
+            self._call("ending IDLE", self.client.idle_done)
+        return any(len(item) > 1 and item[1] in (b"EXISTS", b"RECENT") for item in responses)
+
+    def abort(self) -> None:
+        """Drop the connection from another thread, e.g. to end an IDLE wait at shutdown."""
+        client = self._client
+        if client is not None:
+            with contextlib.suppress(OSError):
+                client.shutdown()
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            client.logout()
+        except (OSError, IMAPClientError, imaplib.IMAP4.abort):
+            client.shutdown()
+
+    def __enter__(self) -> ImapMailbox:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _text(exc: Exception) -> str:
+    text = str(exc)
+    return text.removeprefix("b'").removesuffix("'") or exc.__class__.__name__

@@ -1,0 +1,152 @@
+"""A mailbox's mail settings, fetching now, the first-connection import, and the quarantine."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi.responses import RedirectResponse, Response
+from sqlalchemy import select
+
+from postdesk.db.models import BacklogPolicy, Channel, ChannelEvent, Group, InboundMessage, InboundStatus
+from postdesk.ingest.fetch import fetch_channel
+from postdesk.ingest.quarantine import quarantined, reprocess
+from postdesk.runtime import Runtime
+from postdesk.storage import read_bytes
+from postdesk.web.deps import CurrentAdmin, RuntimeDep, SessionDep
+from postdesk.web.templating import render
+
+router = APIRouter(include_in_schema=False)
+
+
+def _channel(db: SessionDep, channel_id: int) -> Channel:
+    channel = db.get(Channel, channel_id)
+    if channel is None:
+        raise HTTPException(status_code=404, detail="That mailbox no longer exists.")
+    return channel
+
+
+@router.post("/channels/{channel_id}/settings")
+def save_settings(
+    channel_id: int,
+    db: SessionDep,
+    admin: CurrentAdmin,
+    folder: Annotated[str, Form()] = "INBOX",
+    group_id: Annotated[str, Form()] = "",
+    after_fetch: Annotated[str, Form()] = "keep",
+    max_message_mb: Annotated[int, Form(ge=1, le=150)] = 25,
+    fetch_interval_seconds: Annotated[int, Form(ge=10, le=3600)] = 30,
+    backlog_policy: Annotated[BacklogPolicy, Form()] = BacklogPolicy.UNREAD,
+    backlog_since: Annotated[str, Form()] = "",
+) -> Response:
+    channel = _channel(db, channel_id)
+    if folder.strip() and folder.strip() != channel.folder:
+        # Another folder is another UID space: start from where it stands now.
+        channel.folder = folder.strip()
+        channel.imap_uidvalidity = None
+        channel.imap_baseline_uid = None
+        channel.imap_last_uid = 0
+        channel.backlog_done = False
+        channel.backlog_confirmed = False
+        channel.backlog_count = None
+    channel.group_id = int(group_id) if group_id.isdigit() else None
+    channel.delete_after_fetch = after_fetch == "delete"
+    channel.max_message_bytes = max_message_mb * 1024 * 1024
+    channel.fetch_interval_seconds = fetch_interval_seconds
+    channel.backlog_policy = backlog_policy
+    channel.backlog_since = _date(backlog_since)
+    db.add(
+        ChannelEvent(
+            channel_id=channel.id,
+            kind="settings",
+            actor_id=admin.id,
+            message=f"Folder {channel.folder}, after fetching: {after_fetch}, limit {max_message_mb} MB.",
+        )
+    )
+    db.commit()
+    return RedirectResponse(f"/channels/{channel_id}?notice=saved", status_code=303)
+
+
+def _date(value: str) -> datetime | None:
+    try:
+        return datetime.strptime(value.strip(), "%Y-%m-%d").replace(tzinfo=UTC) if value.strip() else None
+    except ValueError as exc:
+        raise HTTPException(status_code=422, detail="Enter the date as YYYY-MM-DD.") from exc
+
+
+@router.post("/channels/{channel_id}/backlog")
+def decide_backlog(
+    channel_id: int,
+    db: SessionDep,
+    runtime: RuntimeDep,
+    admin: CurrentAdmin,
+    decision: Annotated[str, Form()],
+) -> Response:
+    channel = _channel(db, channel_id)
+    if decision == "import":
+        channel.backlog_confirmed = True
+        message = f"Import of {channel.backlog_count or 0} existing messages confirmed."
+    else:
+        channel.backlog_done = True
+        message = "Existing messages left alone; only new mail is fetched."
+    db.add(ChannelEvent(channel_id=channel.id, kind="backlog", actor_id=admin.id, message=message))
+    db.commit()
+    if decision == "import":
+        _fetch_in_background(runtime, channel_id)
+    return RedirectResponse(f"/channels/{channel_id}?notice=backlog", status_code=303)
+
+
+@router.post("/channels/{channel_id}/fetch")
+def fetch_now(channel_id: int, db: SessionDep, runtime: RuntimeDep, admin: CurrentAdmin) -> Response:
+    _channel(db, channel_id)
+    _fetch_in_background(runtime, channel_id)
+    return RedirectResponse(f"/channels/{channel_id}?notice=fetching", status_code=303)
+
+
+def _fetch_in_background(runtime: Runtime, channel_id: int) -> None:
+    # A large import can take minutes; the page shows progress through the channel's counters.
+    threading.Thread(
+        target=fetch_channel, args=(runtime, channel_id), daemon=True, name=f"postdesk-fetch-{channel_id}"
+    ).start()
+
+
+@router.get("/quarantine")
+def quarantine_page(request: Request, db: SessionDep, admin: CurrentAdmin) -> Response:
+    return render(
+        request,
+        "quarantine.html",
+        {
+            "section": "quarantine",
+            "user": admin,
+            "rows": quarantined(db),
+            "notice": request.query_params.get("notice"),
+        },
+    )
+
+
+@router.get("/quarantine/{row_id}/raw")
+def quarantine_raw(row_id: int, db: SessionDep, runtime: RuntimeDep, admin: CurrentAdmin) -> Response:
+    row = db.get(InboundMessage, row_id)
+    if row is None:
+        raise HTTPException(status_code=404, detail="No such message.")
+    # Served as a download, never rendered: it is untrusted mail.
+    return Response(
+        read_bytes(runtime.settings.spool_dir, row.sha256),
+        media_type="message/rfc822",
+        headers={"Content-Disposition": f'attachment; filename="message-{row.id}.eml"'},
+    )
+
+
+@router.post("/quarantine/{row_id}/reprocess")
+def quarantine_reprocess(row_id: int, runtime: RuntimeDep, admin: CurrentAdmin) -> Response:
+    row, _counts = reprocess(runtime, row_id)
+    if row is None:
+        raise HTTPException(status_code=404, detail="That message is not in quarantine any more.")
+    notice = "released" if row.status is not InboundStatus.QUARANTINED else "still"
+    return RedirectResponse(f"/quarantine?notice={notice}", status_code=303)
+
+
+def group_choices(db: SessionDep) -> list[Group]:
+    return list(db.scalars(select(Group).order_by(Group.name)))

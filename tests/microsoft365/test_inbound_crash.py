@@ -1,0 +1,131 @@
+"""kill -9 at random moments of a 500-message fetch: in the end every message is exactly one article."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from postdesk.config import Settings
+from postdesk.db.models import Article, Channel, InboundMessage, InboundStatus
+from postdesk.db.session import transaction
+from postdesk.ingest.fetch import fetch_channel
+from postdesk.runtime import Runtime
+from postdesk.sandbox import SandboxServer
+from tests.microsoft365.conftest import SignIn, channels
+from tests.support.dovecot import DovecotServer
+from tests.support.mailfactory import customer_mail
+
+MESSAGES = 500
+SECRET_KEY = "test-secret-key-0123456789-abcdefghijklmnop"
+
+
+@pytest.fixture
+def m365_settings(
+    tmp_path: Path, sandbox: SandboxServer, dovecot: DovecotServer, trusted_cas: Path
+) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        secret_key=SECRET_KEY,
+        base_url="http://127.0.0.1:8025",
+        microsoft_login_url=sandbox.base_url,
+        ca_bundle=trusted_cas,
+        microsoft_imap=f"127.0.0.1:{dovecot.port}",
+    )
+
+
+def _environment(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTDESK_")}
+    env.update(
+        {
+            "POSTDESK_DATA_DIR": str(settings.data_dir),
+            "POSTDESK_SECRET_KEY": SECRET_KEY,
+            "POSTDESK_MICROSOFT_LOGIN_URL": str(settings.microsoft_login_url),
+            "POSTDESK_CA_BUNDLE": str(settings.ca_bundle),
+            "POSTDESK_MICROSOFT_IMAP": str(settings.microsoft_imap),
+            "POSTDESK_LOG_LEVEL": "WARNING",
+        }
+    )
+    return env
+
+
+def test_killing_the_fetch_at_random_points_loses_and_duplicates_nothing(
+    signin: SignIn, m365_runtime: Runtime, dovecot: DovecotServer, mailbox_user: str
+) -> None:
+    seed = int(os.environ.get("POSTDESK_CRASH_SEED", time.time_ns() % 1_000_000))
+    print(f"crash test seed: {seed} (rerun with POSTDESK_CRASH_SEED={seed})")
+    chance = random.Random(seed)
+    assert signin.connect(mailbox_user).status_code == 303
+    [channel] = channels(m365_runtime)
+    with transaction(m365_runtime.sessions) as session:
+        row = session.get(Channel, channel.id)
+        assert row is not None
+        row.delete_after_fetch = True  # the hardest mode: a lost message would be gone for good
+    assert fetch_channel(m365_runtime, channel.id).error is None
+    message_ids = [f"<crash-{n}@example.org>" for n in range(MESSAGES)]
+    dovecot.deliver_many(
+        mailbox_user,
+        [
+            customer_mail(to=mailbox_user, subject=f"Crash {n}", message_id=mid)
+            for n, mid in enumerate(message_ids)
+        ],
+    )
+    command = [sys.executable, "-m", "postdesk", "channel", "fetch", str(channel.id)]
+    progress_at_kills: list[tuple[int, int]] = []
+    for _attempt in range(60):
+        if (
+            _all_done(m365_runtime)
+            and _progress(m365_runtime)[1] == MESSAGES
+            and not dovecot.message_count(mailbox_user)
+        ):
+            break
+        process = subprocess.Popen(
+            command,
+            env=_environment(m365_runtime.settings),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            # Interpreter start-up takes most of a second; the fetch itself a few seconds.
+            process.wait(timeout=chance.uniform(0.5, 1.8))
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            progress_at_kills.append(_progress(m365_runtime))
+            continue
+        if process.returncode == 0 and _all_done(m365_runtime):
+            break
+    print(f"(inbound rows, articles) at each kill: {progress_at_kills}")
+    mid_work = [p for p in progress_at_kills if 0 < p[0] < MESSAGES or 0 < p[1] < MESSAGES]
+    assert len(mid_work) >= 2, "no kill landed in the middle of the work; the test proved nothing"
+    with m365_runtime.sessions() as session:
+        stored = Counter(session.scalars(select(Article.message_id).where(Article.channel_id == channel.id)))
+        leftovers = session.scalars(
+            select(InboundMessage).where(InboundMessage.status == InboundStatus.STORED)
+        ).all()
+    assert leftovers == []
+    assert set(stored) == set(message_ids), f"missing: {sorted(set(message_ids) - set(stored))[:5]}"
+    assert max(stored.values()) == 1, f"duplicated: {[m for m, n in stored.items() if n > 1][:5]}"
+    assert dovecot.message_count(mailbox_user) == 0
+
+
+def _progress(runtime: Runtime) -> tuple[int, int]:
+    with runtime.sessions() as session:
+        rows = session.scalar(select(func.count()).select_from(InboundMessage)) or 0
+        articles = session.scalar(select(func.count()).select_from(Article)) or 0
+    return rows, articles
+
+
+def _all_done(runtime: Runtime) -> bool:
+    with runtime.sessions() as session:
+        return not session.scalars(
+            select(InboundMessage.id).where(InboundMessage.status == InboundStatus.STORED).limit(1)
+        ).first()
