@@ -218,21 +218,33 @@ def _run_pass(
         backlog = _backlog(session, mailbox, channel)
         result.backlog_waiting = channel.backlog_count if not channel.backlog_confirmed else None
         session.commit()
-    todo = backlog + uids
-    for start in range(0, len(todo), BATCH):
-        batch = todo[start : start + BATCH]
-        stored = _store_batch(
-            runtime, result, folder, state, list(mailbox.fetch(batch)), is_backlog=start < len(backlog)
-        )
-        _server_actions(runtime, mailbox, result.channel_id, stored)
-        result.fetched += len(batch)
-        if progress is not None:
-            progress(min(start + BATCH, len(todo)), len(todo))
+    total = len(backlog) + len(uids)
+    for is_backlog, todo in ((True, backlog), (False, uids)):
+        for start in range(0, len(todo), BATCH):
+            batch = todo[start : start + BATCH]
+            stored = _store_batch(
+                runtime, result, folder, state, list(mailbox.fetch(batch)), is_backlog=is_backlog
+            )
+            _server_actions(runtime, mailbox, result.channel_id, stored)
+            result.fetched += len(batch)
+            _report_progress(runtime, result, total, progress)
     if backlog:
         with runtime.sessions() as session, session.begin():
             channel = session.get(Channel, result.channel_id)
             assert channel is not None
             channel.backlog_done = True
+
+
+def _report_progress(
+    runtime: Runtime, result: FetchResult, total: int, progress: Callable[[int, int], None] | None
+) -> None:
+    if progress is not None:
+        progress(result.fetched, total)
+    if total > BATCH:  # a large import: let the channel page show how far it got
+        with runtime.sessions() as session, session.begin():
+            channel = session.get(Channel, result.channel_id)
+            if channel is not None:
+                channel.last_fetch_summary = f"importing: {result.fetched} of {total} messages fetched"
 
 
 def _note_folder_state(session: Session, channel: Channel, state: FolderState) -> None:
