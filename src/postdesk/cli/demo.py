@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
 from pathlib import Path
 
 from rich.panel import Panel
@@ -16,6 +18,7 @@ from postdesk.db.types import utcnow
 from postdesk.microsoft.connect import current_registration
 from postdesk.runtime import Runtime, bootstrap
 from postdesk.sandbox import CONTOSO_TENANT_ID, SandboxDirectory, SandboxServer
+from postdesk.sandbox.mailserver import DovecotServer
 from postdesk.security.passwords import hash_password
 from postdesk.security.redact import configure_logging
 from postdesk.tickets.people import create_user, find_user
@@ -65,22 +68,56 @@ def _register_sandbox_app(runtime: Runtime, directory: SandboxDirectory) -> str:
     return tenant.domain
 
 
+def _start_mail_server(
+    directory: SandboxDirectory, sandbox: SandboxServer, data_dir: Path
+) -> DovecotServer | None:
+    """The sandbox's stand-in for outlook.office365.com:993, when Dovecot is installed (and we are root)."""
+    if not Path("/usr/sbin/dovecot").exists() or os.geteuid() != 0:
+        return None
+    server = DovecotServer(
+        data_dir / "mailserver", sandbox_base_url=sandbox.base_url, sandbox_ca=sandbox.ca_path
+    )
+    try:
+        server.start()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        console.print(f"[yellow]The sandbox mail server did not start ({exc}); mail will not arrive.[/]")
+        return None
+    directory.mail_delivery = server.deliver
+    return server
+
+
+def _trusted_cas(data_dir: Path, sandbox: SandboxServer, mail_server: DovecotServer | None) -> Path:
+    bundle = data_dir / "sandbox-cas.pem"
+    parts = [sandbox.ca_path.read_text()] + ([mail_server.ca_path.read_text()] if mail_server else [])
+    bundle.write_text("".join(parts))
+    return bundle
+
+
 def run_demo(*, port: int, sandbox_port: int, data_dir: Path) -> None:
     data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
     directory = SandboxDirectory.default()
     sandbox = SandboxServer(directory, state_dir=data_dir / "sandbox", port=sandbox_port)
     sandbox.start()
+    mail_server = _start_mail_server(directory, sandbox, data_dir)
     try:
         settings = Settings(
             data_dir=data_dir,
             base_url=f"http://127.0.0.1:{port}",
             microsoft_login_url=sandbox.base_url,
-            ca_bundle=sandbox.ca_path,
+            ca_bundle=_trusted_cas(data_dir, sandbox, mail_server),
+            # Without a mail server nothing listens here, and the channel page says so plainly.
+            microsoft_imap=f"127.0.0.1:{mail_server.port if mail_server else 9}",
         )
         runtime = bootstrap(settings, apply_migrations=True)
         configure_logging(settings.log_level)
         password = _reset_admin(runtime)
         tenant = _register_sandbox_app(runtime, directory)
+        mail_line = (
+            f"Write a customer's email into a sandbox mailbox at {sandbox.base_url}/_sandbox/mail"
+            if mail_server
+            else "Incoming mail in the demo needs Dovecot: apt-get install dovecot-imapd, as root."
+        )
         users = ", ".join(
             user.upn for user in directory.users.values() if user.tenant_id == CONTOSO_TENANT_ID
         )
@@ -92,6 +129,7 @@ def run_demo(*, port: int, sandbox_port: int, data_dir: Path) -> None:
                 f"A sandbox Microsoft 365 tenant ({tenant}) runs at {sandbox.base_url}.\n"
                 "To add a mailbox: Channels › Add account, then pick a sandbox user and accept.\n"
                 f"Sandbox users: {users}\n"
+                f"{mail_line}\n"
                 f"Your browser will warn about the sandbox's own certificate authority ({sandbox.ca_path});\n"
                 "accept it for 127.0.0.1, or import that file. Data lives in " + str(data_dir) + ".\n"
                 "Stop with Ctrl+C.",
@@ -101,4 +139,6 @@ def run_demo(*, port: int, sandbox_port: int, data_dir: Path) -> None:
         )
         run_server(runtime, host="127.0.0.1", port=port, with_worker=True)
     finally:
+        if mail_server is not None:
+            mail_server.stop()
         sandbox.stop()

@@ -546,6 +546,8 @@ class SandboxDirectory:
         self.signing_key = SigningKey.generate()
         self.lock = threading.RLock()
         self._failures: dict[str, deque[InjectedFailure]] = {"authorize": deque(), "token": deque()}
+        # Set by `postdesk demo` when a sandbox mail server runs: (mailbox address, raw message) -> None.
+        self.mail_delivery: Callable[[str, bytes], None] | None = None
 
     @classmethod
     def default(cls) -> SandboxDirectory:
@@ -2177,9 +2179,20 @@ async def _json_object(request: Request) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
+def mail_routes(directory: SandboxDirectory, platform: IdentityPlatform) -> list[Route]:
+    """``/_sandbox/mail``: write a customer's email into a sandbox mailbox, for trying Postdesk offline."""
+    from postdesk.sandbox.mailpage import MailPage  # noqa: PLC0415 - mailpage imports this module
+
+    page = MailPage(directory, platform.page)
+    return [
+        Route("/_sandbox/mail", page.form, methods=["GET"]),
+        Route("/_sandbox/mail", page.send, methods=["POST"]),
+    ]
+
+
 def create_app(directory: SandboxDirectory) -> Starlette:
     """The ASGI app serving ``directory`` as a Microsoft identity platform look-alike."""
     platform = IdentityPlatform(directory)
-    app = Starlette(routes=platform.routes())
+    app = Starlette(routes=[*platform.routes(), *mail_routes(directory, platform)])
     app.state.directory = directory
     return app

@@ -7,9 +7,11 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from starlette.responses import HTMLResponse
 
 from postdesk import __version__
+from postdesk.mail import sanitise_html
 from postdesk.runtime import Runtime
 from postdesk.security.csrf import CSRF_FIELD, token_for
 
@@ -17,6 +19,8 @@ TEMPLATES_DIR = Path(__file__).parent / "templates"
 templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
 templates.env.globals["postdesk_version"] = __version__
 templates.env.globals["csrf_field_name"] = CSRF_FIELD
+# Mail HTML is never trusted: it is sanitised (scripts, handlers, remote images removed) on every display.
+templates.env.filters["sanitise_mail_html"] = lambda html: Markup(sanitise_html(html or ""))  # noqa: S704
 
 
 def csrf_token(request: Request) -> str:

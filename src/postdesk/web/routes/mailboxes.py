@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import logging
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -11,13 +11,15 @@ from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import select
 
 from postdesk.db.models import BacklogPolicy, Channel, ChannelEvent, Group, InboundMessage, InboundStatus
-from postdesk.ingest.fetch import fetch_channel
+from postdesk.ingest.background import start_fetch
+from postdesk.ingest.fetch import access_token_for_channel, default_mailbox
 from postdesk.ingest.quarantine import quarantined, reprocess
-from postdesk.runtime import Runtime
 from postdesk.storage import read_bytes
+from postdesk.transports.errors import TransportError
 from postdesk.web.deps import CurrentAdmin, RuntimeDep, SessionDep
 from postdesk.web.templating import render
 
+log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 
 
@@ -94,22 +96,38 @@ def decide_backlog(
     db.add(ChannelEvent(channel_id=channel.id, kind="backlog", actor_id=admin.id, message=message))
     db.commit()
     if decision == "import":
-        _fetch_in_background(runtime, channel_id)
+        start_fetch(runtime, channel_id)
     return RedirectResponse(f"/channels/{channel_id}?notice=backlog", status_code=303)
 
 
 @router.post("/channels/{channel_id}/fetch")
 def fetch_now(channel_id: int, db: SessionDep, runtime: RuntimeDep, admin: CurrentAdmin) -> Response:
     _channel(db, channel_id)
-    _fetch_in_background(runtime, channel_id)
+    start_fetch(runtime, channel_id)
     return RedirectResponse(f"/channels/{channel_id}?notice=fetching", status_code=303)
 
 
-def _fetch_in_background(runtime: Runtime, channel_id: int) -> None:
-    # A large import can take minutes; the page shows progress through the channel's counters.
-    threading.Thread(
-        target=fetch_channel, args=(runtime, channel_id), daemon=True, name=f"postdesk-fetch-{channel_id}"
-    ).start()
+@router.get("/channels/{channel_id}/folders")
+def folder_choices(
+    request: Request, channel_id: int, db: SessionDep, runtime: RuntimeDep, admin: CurrentAdmin
+) -> Response:
+    """The folder field as a list of the mailbox's real folders (loaded into the settings form by htmx)."""
+    channel = _channel(db, channel_id)
+    try:
+        token = access_token_for_channel(db, runtime, channel)
+        db.commit()
+        with default_mailbox(runtime) as mailbox:
+            mailbox.login(channel.email, token)
+            folders = mailbox.folders()
+        problem = None
+    except TransportError as exc:
+        folders, problem = [], str(exc)
+    except Exception as exc:  # listing folders is a convenience; the field stays editable
+        log.warning("listing folders of mailbox %s failed: %s", channel_id, exc)
+        folders, problem = [], str(exc)
+    return render(
+        request, "channels/_folders.html", {"channel": channel, "folders": folders, "problem": problem}
+    )
 
 
 @router.get("/quarantine")

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import select
 
-from postdesk.db.models import Channel, Direction, Group, TicketState, User
+from postdesk.db.models import Attachment, Channel, Direction, Group, TicketState, User
+from postdesk.storage import read_bytes
 from postdesk.tickets.service import (
     NewArticle,
     SortKey,
@@ -18,7 +19,8 @@ from postdesk.tickets.service import (
     get_ticket,
     list_tickets,
 )
-from postdesk.web.deps import CurrentUser, SessionDep
+from postdesk.web.deps import CurrentUser, RuntimeDep, SessionDep
+from postdesk.web.downloads import content_disposition
 from postdesk.web.templating import render
 
 router = APIRouter(include_in_schema=False)
@@ -88,6 +90,24 @@ def ticket_view(request: Request, number: int, db: SessionDep, user: CurrentUser
         request,
         "tickets/view.html",
         {"section": "tickets", "user": user, "ticket": ticket, "state_labels": STATE_LABELS},
+    )
+
+
+@router.get("/attachments/{attachment_id}")
+def download_attachment(
+    attachment_id: int, db: SessionDep, runtime: RuntimeDep, user: CurrentUser
+) -> Response:
+    attachment = db.get(Attachment, attachment_id)
+    if attachment is None or get_ticket(db, attachment.article.ticket.number, viewer=user) is None:
+        raise HTTPException(status_code=404, detail="There is no such attachment, or you cannot see it.")
+    # Always a download, never rendered: an attached .html or .svg is as hostile as the mail it came in.
+    return Response(
+        read_bytes(runtime.settings.attachments_dir, attachment.sha256),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": content_disposition(attachment.filename),
+            "X-Content-Type-Options": "nosniff",
+        },
     )
 
 
