@@ -71,3 +71,18 @@ def test_housekeeping_removes_expired_sessions_only(runtime: Runtime, admin: Use
     purge_stale_sign_ins(runtime)
     with runtime.sessions() as session:
         assert session.scalar(select(func.count()).select_from(WebSession)) == 1
+
+
+def test_a_failing_mailbox_is_retried_later_each_time() -> None:
+    from postdesk.worker.mail import MailScheduler
+
+    scheduler = MailScheduler(use_idle=False)
+    try:
+        scheduler._note_outcome(7, failed=True)
+        first = scheduler._retry_at[7]
+        scheduler._note_outcome(7, failed=True)
+        assert scheduler._retry_at[7] > first
+        scheduler._note_outcome(7, failed=False)
+        assert 7 not in scheduler._retry_at
+    finally:
+        scheduler.shutdown()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 
 from sqlalchemy import select
@@ -23,6 +23,7 @@ from postdesk.worker.idle import IdleWatcher
 
 log = logging.getLogger(__name__)
 PARALLEL_FETCHES = 4
+MAX_RETRY_DELAY = timedelta(minutes=15)
 
 
 class MailScheduler:
@@ -41,6 +42,9 @@ class MailScheduler:
         self._use_idle = use_idle
         self._mailbox_factory = mailbox_factory
         self._runtime: Runtime | None = None
+        # Failed fetches wait longer each time (interval × 2^failures, at most 15 minutes).
+        self._failures: dict[int, int] = {}
+        self._retry_at: dict[int, datetime] = {}
 
     def __call__(self, runtime: Runtime) -> None:
         """The scheduler job: start due fetches and keep one IDLE watcher per healthy mailbox."""
@@ -52,9 +56,9 @@ class MailScheduler:
             ).all()
         healthy = {cid for cid, status, _last, _every in rows if status is ChannelStatus.OK}
         for channel_id, status, last, every in rows:
-            if status in (ChannelStatus.OK, ChannelStatus.ERROR) and (
-                last is None or last + timedelta(seconds=every) <= now
-            ):
+            due = last is None or last + timedelta(seconds=every) <= now
+            backing_off = self._retry_at.get(channel_id, now) > now
+            if status in (ChannelStatus.OK, ChannelStatus.ERROR) and due and not backing_off:
                 self.request_fetch(channel_id)
         if self._use_idle:
             self._keep_watchers(runtime, healthy)
@@ -78,15 +82,28 @@ class MailScheduler:
         if future.cancelled():
             return
         error = future.exception()
+        failed = error is not None or bool(future.result().error)
         if error is not None:
             log.error("fetching mailbox %s crashed: %s", channel_id, error)
         else:
             log.info("mailbox %s: %s", channel_id, future.result().summary)
+        self._note_outcome(channel_id, failed=failed)
         with self._guard:
             again = channel_id in self._again
             self._again.discard(channel_id)
         if again:
             self.request_fetch(channel_id)
+
+    def _note_outcome(self, channel_id: int, *, failed: bool) -> None:
+        with self._guard:
+            if not failed:
+                self._failures.pop(channel_id, None)
+                self._retry_at.pop(channel_id, None)
+                return
+            count = self._failures.get(channel_id, 0) + 1
+            self._failures[channel_id] = count
+            delay = min(timedelta(seconds=30 * 2**count), MAX_RETRY_DELAY)
+            self._retry_at[channel_id] = utcnow() + delay
 
     def _keep_watchers(self, runtime: Runtime, healthy: set[int]) -> None:
         for channel_id in list(self._watchers):

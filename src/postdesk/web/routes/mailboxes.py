@@ -57,8 +57,14 @@ def save_settings(
     channel.delete_after_fetch = after_fetch == "delete"
     channel.max_message_bytes = max_message_mb * 1024 * 1024
     channel.fetch_interval_seconds = fetch_interval_seconds
+    since = _date(backlog_since)
+    if (backlog_policy, since) != (channel.backlog_policy, channel.backlog_since):
+        # A new choice about the existing mail is asked and counted again.
+        channel.backlog_done = False
+        channel.backlog_confirmed = False
+        channel.backlog_count = None
     channel.backlog_policy = backlog_policy
-    channel.backlog_since = _date(backlog_since)
+    channel.backlog_since = since
     db.add(
         ChannelEvent(
             channel_id=channel.id,
