@@ -10,7 +10,16 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
+
+# fsync waits on the disk with the GIL released; running a batch's fsyncs side by side lets the file
+# system serve them with far fewer journal commits than one after the other.
+_FSYNC_THREADS = 16
+_fsync_pool = ThreadPoolExecutor(max_workers=_FSYNC_THREADS, thread_name_prefix="postdesk-fsync")
+_Item = TypeVar("_Item")
 
 
 def _path_for(root: Path, sha256: str) -> Path:
@@ -21,27 +30,72 @@ def _path_for(root: Path, sha256: str) -> Path:
 
 def store_bytes(root: Path, content: bytes) -> str:
     """Store ``content`` durably (fsync, then rename) and return its SHA-256 hex digest."""
-    digest = hashlib.sha256(content).hexdigest()
-    target = _path_for(root, digest)
-    if target.exists():
-        return digest
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+    return store_many(root, [content])[0]
+
+
+def store_many(root: Path, contents: Sequence[bytes]) -> list[str]:
+    """Store each of ``contents`` durably and return their SHA-256 hex digests, in order.
+
+    The same guarantee as storing them one by one (each file is fsynced before it is renamed into
+    place, and its directory is fsynced after the rename), with the waiting done together: all files
+    are written, fsynced in parallel and renamed, then each directory touched is fsynced once.
+    """
+    digests = [hashlib.sha256(content).hexdigest() for content in contents]
+    missing: dict[Path, bytes] = {}
+    for digest, content in zip(digests, contents, strict=True):
+        target = _path_for(root, digest)
+        if target not in missing and not target.exists():
+            missing[target] = content
+    if not missing:
+        return digests
+    written = _write_synced(missing)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
+        while written:
+            target, temporary = written[0]
+            os.replace(temporary, target)
+            written.pop(0)
     finally:
-        os.close(directory)
-    return digest
+        for _, temporary in written:
+            temporary.unlink(missing_ok=True)
+    _parallel(_fsync_directory, list(dict.fromkeys(target.parent for target in missing)))
+    return digests
+
+
+def _write_synced(files: dict[Path, bytes]) -> list[tuple[Path, Path]]:
+    """Write each content to a temporary file next to its target and fsync them all."""
+    opened: list[tuple[Path, int, Path]] = []
+    try:
+        for target, content in files.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+            opened.append((target, fd, Path(name)))
+            with os.fdopen(fd, "wb", closefd=False) as handle:
+                handle.write(content)
+        _parallel(os.fsync, [fd for _, fd, _ in opened])
+    except BaseException:
+        for _, _, temporary in opened:
+            temporary.unlink(missing_ok=True)
+        raise
+    finally:
+        for _, fd, _ in opened:
+            os.close(fd)
+    return [(target, temporary) for target, _, temporary in opened]
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _parallel(function: Callable[[_Item], object], items: list[_Item]) -> None:
+    if len(items) == 1:
+        function(items[0])
+        return
+    for _ in _fsync_pool.map(function, items):
+        pass  # map re-raises the first failure here
 
 
 def read_bytes(root: Path, sha256: str) -> bytes:

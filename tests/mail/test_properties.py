@@ -203,8 +203,10 @@ def test_sanitise_html_never_lets_script_through(html: str) -> None:
     )
 )
 def test_html_to_text_leaves_no_markup_behind(html: str) -> None:
-    # Links are written as "text <url>"; anything else in angle brackets would be a leftover tag.
-    text = html_to_text(html).replace(" <https://x.example/>", "")
+    # Links are written as "text <address>"; anything else in angle brackets would be a leftover tag.
+    text = html_to_text(html)
+    for value in VALUES:
+        text = text.replace(f" <{value.removeprefix('mailto:')}>", "")
     assert "<" not in text
     assert ">" not in text
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -129,9 +130,12 @@ def test_a_reply_found_by_in_reply_to_joins_the_conversation(
 def test_mail_already_there_waits_for_the_admin_and_only_unread_is_imported(
     m365_runtime: Runtime, channel_id: int, dovecot: DovecotServer, mailbox_user: str
 ) -> None:
-    dovecot.deliver(mailbox_user, customer_mail(to=mailbox_user, subject="Old unread 1"))
-    dovecot.deliver(mailbox_user, customer_mail(to=mailbox_user, subject="Old unread 2"))
-    dovecot.deliver(mailbox_user, customer_mail(to=mailbox_user, subject="Old and read"), flags="S")
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+    dovecot.deliver(mailbox_user, customer_mail(to=mailbox_user, subject="Old unread 1"), received=yesterday)
+    dovecot.deliver(mailbox_user, customer_mail(to=mailbox_user, subject="Old unread 2"), received=yesterday)
+    dovecot.deliver(
+        mailbox_user, customer_mail(to=mailbox_user, subject="Old and read"), flags="S", received=yesterday
+    )
     first = fetch(m365_runtime, channel_id)
     assert (first.fetched, first.backlog_waiting) == (0, 2)
     dovecot.deliver(mailbox_user, customer_mail(to=mailbox_user, subject="Brand new"))
@@ -141,6 +145,14 @@ def test_mail_already_there_waits_for_the_admin_and_only_unread_is_imported(
     fetch(m365_runtime, channel_id)
     assert sorted(t.title for t in tickets(m365_runtime)) == ["Brand new", "Old unread 1", "Old unread 2"]
     assert fetch(m365_runtime, channel_id).fetched == 0
+
+
+def test_mail_sent_between_connecting_and_the_first_fetch_is_new_mail(
+    m365_runtime: Runtime, channel_id: int, dovecot: DovecotServer, mailbox_user: str
+) -> None:
+    dovecot.deliver(mailbox_user, customer_mail(to=mailbox_user, subject="Written right after connecting"))
+    result = fetch(m365_runtime, channel_id)
+    assert (result.processed.tickets, result.backlog_waiting) == (1, None)
 
 
 def test_delete_mode_removes_the_server_copy_only_after_it_is_stored(

@@ -47,7 +47,9 @@ def fetch_command(
             fail(f"there is no mailbox with ID {channel_id}")
         if import_existing:
             for channel in channels:
+                # An explicit request overrides an earlier "Leave them".
                 channel.backlog_confirmed = True
+                channel.backlog_done = False
         targets = [(channel.id, channel.email) for channel in channels]
     results = [_fetch_with_progress(runtime, cid, email, quiet=json_output) for cid, email in targets]
     if json_output:

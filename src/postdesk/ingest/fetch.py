@@ -15,6 +15,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -34,12 +35,14 @@ from postdesk.microsoft.clouds import endpoints_for
 from postdesk.microsoft.identity import MicrosoftIdentity, trust_store
 from postdesk.microsoft.tokens import TokenError, acquire_access_token
 from postdesk.runtime import Runtime
-from postdesk.storage import store_bytes
+from postdesk.storage import store_many
 from postdesk.transports.errors import TransportError
 from postdesk.transports.imap import FetchedMessage, FolderState, ImapMailbox
 
 log = logging.getLogger(__name__)
 BATCH = 50
+# Server and Postdesk clocks may differ a little; mail this close to the connection counts as new.
+ARRIVAL_MARGIN = timedelta(minutes=2)
 BACKLOG_AUTO_IMPORT = 0  # any backlog at all waits for the admin to confirm the count
 
 MailboxFactory = Callable[[Runtime], ImapMailbox]
@@ -212,11 +215,12 @@ def _run_pass(
         folder = channel.folder
         state = mailbox.open(folder)
         _finish_server_actions(session, mailbox, channel, state)
-        _note_folder_state(session, channel, state)
+        _note_folder_state(session, mailbox, channel, state)
         uids = mailbox.uids_after(channel.imap_last_uid)
         uids = [uid for uid in uids if channel.imap_baseline_uid is None or uid >= channel.imap_baseline_uid]
         backlog = _backlog(session, mailbox, channel)
-        result.backlog_waiting = channel.backlog_count if not channel.backlog_confirmed else None
+        waiting = not channel.backlog_confirmed and not channel.backlog_done
+        result.backlog_waiting = channel.backlog_count if waiting else None
         session.commit()
     total = len(backlog) + len(uids)
     for is_backlog, todo in ((True, backlog), (False, uids)):
@@ -247,26 +251,32 @@ def _report_progress(
                 channel.last_fetch_summary = f"importing: {result.fetched} of {total} messages fetched"
 
 
-def _note_folder_state(session: Session, channel: Channel, state: FolderState) -> None:
-    if channel.imap_uidvalidity is None:
-        # First contact: everything from UIDNEXT on is new mail; what is already there is the backlog.
-        channel.imap_uidvalidity = state.uidvalidity
-        channel.imap_baseline_uid = state.uidnext
-        channel.imap_last_uid = max(0, state.uidnext - 1)
+def _note_folder_state(session: Session, mailbox: ImapMailbox, channel: Channel, state: FolderState) -> None:
+    """Where new mail starts: at the first message that arrived after the mailbox was connected.
+
+    Taken from arrival times (INTERNALDATE) rather than from UIDNEXT at the first fetch, so that mail
+    sent in the seconds between signing in and the first fetch is new mail, not backlog. The same rule
+    applies when the server renumbers the folder (UIDVALIDITY changes): what arrived since connecting
+    is read again (stored copies are recognised and skipped), older mail stays as the admin decided.
+    """
+    if channel.imap_uidvalidity == state.uidvalidity:
         return
-    if channel.imap_uidvalidity != state.uidvalidity:
-        # The server renumbered the folder: read it all again; duplicates are recognised when stored.
+    since = (channel.connected_at or utcnow()) - ARRIVAL_MARGIN
+    baseline = min(mailbox.uids_arrived_since(since), default=state.uidnext)
+    if channel.imap_uidvalidity is not None:
         session.add(
             ChannelEvent(
                 channel_id=channel.id,
                 kind="resync",
-                message=f"UIDVALIDITY changed from {channel.imap_uidvalidity} to "
-                f"{state.uidvalidity}; the folder is read again without duplicating mail.",
+                message=f"UIDVALIDITY changed from {channel.imap_uidvalidity} to {state.uidvalidity}; mail "
+                "received since the mailbox was connected is read again without duplicating it.",
             )
         )
-        channel.imap_uidvalidity = state.uidvalidity
-        channel.imap_baseline_uid = None
-        channel.imap_last_uid = 0
+        # The old backlog decision stands, but its count refers to the old numbering.
+        channel.backlog_count = None
+    channel.imap_uidvalidity = state.uidvalidity
+    channel.imap_baseline_uid = baseline
+    channel.imap_last_uid = baseline - 1
 
 
 def _backlog(session: Session, mailbox: ImapMailbox, channel: Channel) -> list[int]:
@@ -298,7 +308,13 @@ def _store_batch(
     is_backlog: bool,
 ) -> list[int]:
     """Spool, then commit rows and the new last UID together. Returns the UIDs now safely stored."""
-    digests = [(message, store_bytes(runtime.settings.spool_dir, message.raw)) for message in messages]
+    digests = list(
+        zip(
+            messages,
+            store_many(runtime.settings.spool_dir, [message.raw for message in messages]),
+            strict=True,
+        )
+    )
     with runtime.sessions() as session, session.begin():
         channel = session.get(Channel, result.channel_id)
         assert channel is not None
@@ -404,3 +420,5 @@ def _record_success(runtime: Runtime, result: FetchResult) -> None:
             )
         channel.last_error = None
         channel.last_error_at = None
+        if channel.status is ChannelStatus.ERROR:
+            channel.status = ChannelStatus.OK

@@ -75,7 +75,8 @@ def check_size(_session: Session, inbound: Inbound) -> Outcome:
 
 
 def _megabytes(size: int) -> str:
-    return f"{size / (1024 * 1024):.1f} MB"
+    # Bytes as well: 1.0 MB over a 1.0 MB limit would read like a mistake.
+    return f"{size / (1024 * 1024):.1f} MB ({size:,} bytes)"
 
 
 def parse(_session: Session, inbound: Inbound) -> Outcome:
@@ -91,6 +92,7 @@ def skip_duplicates(session: Session, inbound: Inbound) -> Outcome:
     message_id = _mail(inbound).message_id
     if message_id is None:
         return Continue()
+    _see_pending_articles(session, {message_id})
     existing = session.scalar(
         select(Article.id)
         .where(Article.channel_id == inbound.channel.id, Article.message_id == message_id)
@@ -107,7 +109,10 @@ def classify_message(_session: Session, inbound: Inbound) -> Outcome:
 
 
 def follow_up_by_ticket_number(session: Session, inbound: Inbound) -> Outcome:
-    for number in ticket_numbers_in_subject(_mail(inbound).subject, prefix=TICKET_PREFIX):
+    numbers = ticket_numbers_in_subject(_mail(inbound).subject, prefix=TICKET_PREFIX)
+    if numbers:
+        _flush_if_pending(session, lambda item: isinstance(item, Ticket) and item.number in numbers)
+    for number in numbers:
         ticket = session.scalar(select(Ticket).where(Ticket.number == number))
         if ticket is not None:
             return AttachTo(ticket, f"the subject names ticket {number}")
@@ -123,6 +128,7 @@ def follow_up_by_references(session: Session, inbound: Inbound) -> Outcome:
         candidates.insert(0, classification.bounced_message_id)
     if not candidates:
         return Continue()
+    _see_pending_articles(session, set(candidates))
     rows = session.execute(
         select(Article.message_id, Article.ticket_id).where(Article.message_id.in_(candidates))
     ).all()
@@ -133,6 +139,21 @@ def follow_up_by_references(session: Session, inbound: Inbound) -> Outcome:
             if ticket is not None:
                 return AttachTo(ticket, f"it answers {message_id}")
     return Continue()
+
+
+def _see_pending_articles(session: Session, message_ids: set[str]) -> None:
+    _flush_if_pending(session, lambda item: isinstance(item, Article) and item.message_id in message_ids)
+
+
+def _flush_if_pending(session: Session, matches: Callable[[object], bool]) -> None:
+    """Make the batch's own unwritten rows visible to a lookup that could find them.
+
+    The batch runs without autoflush (a flush per message cost more than the rest of the pipeline), so
+    an article or ticket created earlier in the same batch is only in the session; it is flushed
+    (and gets its id) before a query that might match it, which keeps the answers autoflush would give.
+    """
+    if any(matches(item) for item in session.new):
+        session.flush()
 
 
 def refuse_loops(_session: Session, inbound: Inbound) -> Outcome:

@@ -28,7 +28,7 @@ from postdesk.db.types import utcnow
 from postdesk.ingest.pipeline import AttachTo, Duplicate, Inbound, NewTicket, Quarantine, decide
 from postdesk.mail import Address, ParsedMail
 from postdesk.runtime import Runtime
-from postdesk.storage import read_bytes, store_bytes
+from postdesk.storage import read_bytes, store_many
 from postdesk.tickets.service import (
     NewArticle,
     add_article,
@@ -88,13 +88,23 @@ def process_stored(runtime: Runtime, *, channel_id: int | None = None, limit: in
 
 def _process_batch(runtime: Runtime, row_ids: list[int]) -> ProcessCounts:
     counts = ProcessCounts()
-    with runtime.sessions() as session, session.begin():
+    with runtime.sessions() as session, session.begin(), session.no_autoflush:
         own = own_addresses(session)
-        for row_id in row_ids:
-            row = session.get(InboundMessage, row_id, with_for_update=True)
-            if row is None or row.status is not InboundStatus.STORED:
+        rows = session.scalars(
+            select(InboundMessage)
+            .where(InboundMessage.id.in_(row_ids))
+            .order_by(InboundMessage.id)
+            .with_for_update()
+        ).all()
+        links: list[tuple[InboundMessage, Article]] = []
+        for row in rows:
+            if row.status is not InboundStatus.STORED:
                 continue  # another worker got there first
-            counts.add(process_row(session, runtime, row, own=own))
+            counts.add(process_row(session, runtime, row, own=own, links=links))
+        # One flush writes the batch's tickets and articles; then each row can point at its article.
+        session.flush()
+        for row, article in links:
+            row.article_id = article.id
     return counts
 
 
@@ -121,14 +131,31 @@ def _quarantine_after_failure(runtime: Runtime, row_id: int, exc: Exception) -> 
             )
 
 
-def process_row(session: Session, runtime: Runtime, row: InboundMessage, *, own: frozenset[str]) -> str:
-    """Decide and write; return which counter the outcome belongs to."""
+def process_row(
+    session: Session,
+    runtime: Runtime,
+    row: InboundMessage,
+    *,
+    own: frozenset[str],
+    links: list[tuple[InboundMessage, Article]],
+) -> str:
+    """Decide and write; return which counter the outcome belongs to.
+
+    Nothing is flushed here: a new article is added to ``links`` with its row, and the caller sets
+    ``row.article_id`` once a flush has given the article its id (in the same transaction).
+    """
     raw = read_bytes(runtime.settings.spool_dir, row.sha256)
     inbound = Inbound(row=row, channel=row.channel, raw=raw, own_addresses=own)
-    return _apply(session, runtime, inbound, decide(session, inbound))
+    return _apply(session, runtime, inbound, decide(session, inbound), links)
 
 
-def _apply(session: Session, runtime: Runtime, inbound: Inbound, outcome: object) -> str:
+def _apply(
+    session: Session,
+    runtime: Runtime,
+    inbound: Inbound,
+    outcome: object,
+    links: list[tuple[InboundMessage, Article]],
+) -> str:
     row = inbound.row
     if isinstance(outcome, Quarantine):
         _finish(row, InboundStatus.QUARANTINED, outcome.reason)
@@ -139,20 +166,22 @@ def _apply(session: Session, runtime: Runtime, inbound: Inbound, outcome: object
     mail = inbound.mail
     assert mail is not None
     if isinstance(outcome, AttachTo):
-        article = add_article(session, outcome.ticket, _new_article(inbound, mail))
+        article = add_article(session, outcome.ticket, _new_article(inbound, mail), flush=False)
         if not article.auto_generated and outcome.ticket.state in (
             TicketState.CLOSED,
             TicketState.PENDING_REMINDER,
         ):
             change_state(outcome.ticket, TicketState.OPEN)
-        _store_attachments(session, runtime, article, mail)
-        _finish(row, InboundStatus.PROCESSED, outcome.reason, article_id=article.id)
+        _store_attachments(runtime, article, mail)
+        _finish(row, InboundStatus.PROCESSED, outcome.reason)
+        links.append((row, article))
         return "follow_ups"
     assert isinstance(outcome, NewTicket)
     ticket = _open_ticket(session, inbound, mail)
     article = ticket.articles[-1]
-    _store_attachments(session, runtime, article, mail)
-    _finish(row, InboundStatus.PROCESSED, f"opened ticket {ticket.number}", article_id=article.id)
+    _store_attachments(runtime, article, mail)
+    _finish(row, InboundStatus.PROCESSED, f"opened ticket {ticket.number}")
+    links.append((row, article))
     return "tickets"
 
 
@@ -166,6 +195,7 @@ def _open_ticket(session: Session, inbound: Inbound, mail: ParsedMail) -> Ticket
         group=inbound.channel.group,
         channel=inbound.channel,
         first_article=_new_article(inbound, mail),
+        flush=False,
     )
 
 
@@ -207,12 +237,13 @@ def _flag(article: NewArticle, reasons: tuple[str, ...]) -> NewArticle:
     return replace(article, auto_generated=True, classification=", ".join(reasons)[:200])
 
 
-def _store_attachments(session: Session, runtime: Runtime, article: Article, mail: ParsedMail) -> None:
-    for part in mail.attachments:
-        digest = store_bytes(runtime.settings.attachments_dir, part.content)
-        session.add(
+def _store_attachments(runtime: Runtime, article: Article, mail: ParsedMail) -> None:
+    if not mail.attachments:
+        return
+    digests = store_many(runtime.settings.attachments_dir, [part.content for part in mail.attachments])
+    for part, digest in zip(mail.attachments, digests, strict=True):
+        article.attachments.append(
             Attachment(
-                article_id=article.id,
                 filename=part.filename,
                 content_type=part.content_type,
                 size=len(part.content),

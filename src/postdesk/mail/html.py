@@ -251,8 +251,11 @@ class _TextConverter(HTMLParser):
             return
         text = "".join(self.chunks[start:]).strip()
         target = href.removeprefix("mailto:")
-        # A link whose text already is its address would only repeat itself.
-        if text not in {href, target}:
+        # A link whose text already is its address would only repeat itself; a link without text
+        # is just its address (angle brackets around it alone would read like markup).
+        if not text:
+            self._write(target)
+        elif text not in {href, target}:
             self._write(f" <{target}>")
 
 

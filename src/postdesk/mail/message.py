@@ -15,6 +15,7 @@ import email
 import email.errors
 import email.header
 import email.utils
+import functools
 import html as html_entities
 import io
 import re
@@ -171,11 +172,14 @@ class _TolerantPolicy(_EmailPolicy):
         value = _encoded_word_charsets(_repair_8bit_header(name, value, self.notes))
         if not self._may_use_structured_parser(name, value):
             return _compat32_header_text(value)
-        try:
-            return super().header_fetch_parse(name, value)
-        except Exception:  # any bug in the default header parser must not lose the message
+        header, parsed = (
+            _structured_header(name, value)
+            if len(value) <= _CACHED_HEADER_CHARS
+            else _parse_structured_header(name, value)
+        )
+        if not parsed:
             self.notes.append(f"{name} header could not be parsed; read it the compat32 way")
-            return _compat32_header_text(value)
+        return header
 
     def _may_use_structured_parser(self, name: str, value: str) -> bool:
         # policy.default's header parser costs microseconds per character and grows faster than
@@ -191,6 +195,20 @@ class _TolerantPolicy(_EmailPolicy):
         object.__setattr__(self, "parser_budget", self.parser_budget - cost)
         return True
 
+
+def _parse_structured_header(name: str, value: str) -> tuple[Any, bool]:
+    """The ``policy.default`` header object, or the compat32 text and False if its parser failed."""
+    try:
+        return email_policy.default.header_fetch_parse(name, value), True
+    except Exception:  # any bug in the default header parser must not lose the message
+        return _compat32_header_text(value), False
+
+
+# The same To, From, Content-Type and Content-Transfer-Encoding lines recur from message to message,
+# and the header parser is the larger part of a message's parse time. Its result depends only on the
+# name and value and header objects are immutable, so they are shared across messages.
+_CACHED_HEADER_CHARS = 1024
+_structured_header = functools.lru_cache(maxsize=4096)(_parse_structured_header)
 
 _MAX_STRUCTURED_HEADER_CHARS = 16 * 1024
 _STRUCTURED_PARSER_BUDGET = 512 * 1024

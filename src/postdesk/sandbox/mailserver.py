@@ -58,6 +58,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
@@ -311,14 +312,23 @@ class DovecotServer:
         """Log in to `mailbox` with SASL XOAUTH2; see the module function `imap_login`."""
         return imap_login(self.host, self.port, self.ca_path, token, mailbox, source_address=source_address)
 
-    def deliver(self, mailbox: str, raw: bytes, *, flags: str = "") -> None:
+    def deliver(self, mailbox: str, raw: bytes, *, flags: str = "", received: datetime | None = None) -> None:
         """Put one message into the mailbox's INBOX; `flags` are maildir letters ("S" is \\Seen)."""
-        self.deliver_many(mailbox, [raw], flags=flags)
+        self.deliver_many(mailbox, [raw], flags=flags, received=received)
 
     def deliver_many(
-        self, mailbox: str, raws: Iterable[bytes], *, flags: str = "", folder: str = "INBOX"
+        self,
+        mailbox: str,
+        raws: Iterable[bytes],
+        *,
+        flags: str = "",
+        folder: str = "INBOX",
+        received: datetime | None = None,
     ) -> int:
-        """Put messages into a folder the way an MTA writes a maildir; returns how many were written."""
+        """Put messages into a folder the way an MTA writes a maildir; returns how many were written.
+
+        ``received`` backdates the arrival (IMAP INTERNALDATE, which Dovecot takes from the file's mtime),
+        e.g. for mail that was in the mailbox long before Postdesk connected it."""
         target = self._folder_path(mailbox, folder)
         self._ensure_maildir(target)
         info = self._maildir_info(flags)
@@ -331,6 +341,8 @@ class DovecotServer:
             with staged.open("wb") as file:
                 file.write(raw)
                 os.fchown(file.fileno(), self._uid, self._gid)
+            if received is not None:
+                os.utime(staged, (received.timestamp(), received.timestamp()))
             staged.rename(destination / (name + info))
             written += 1
         return written

@@ -25,14 +25,19 @@ FIRST_TICKET_NUMBER = 10001
 SortKey = Literal["updated", "created", "number", "title"]
 
 
+_NEXT_NUMBER = (
+    update(TicketCounter)
+    .where(TicketCounter.id == 1)
+    .values(last_number=TicketCounter.last_number + 1)
+    .returning(TicketCounter.last_number)
+)
+
+
 def next_ticket_number(session: Session) -> int:
     """Hand out the next ticket number; the row lock of the UPDATE serialises concurrent callers."""
-    number: int | None = session.scalar(
-        update(TicketCounter)
-        .where(TicketCounter.id == 1)
-        .values(last_number=TicketCounter.last_number + 1)
-        .returning(TicketCounter.last_number)
-    )
+    # A Core statement on the session's connection: the ORM's bulk-update machinery (and its
+    # autoflush) cost several times the UPDATE itself, and nothing in the session mirrors this row.
+    number: int | None = session.connection().scalar(_NEXT_NUMBER)
     if number is None:
         session.add(TicketCounter(id=1, last_number=FIRST_TICKET_NUMBER))
         session.flush()
@@ -81,7 +86,10 @@ def create_ticket(
     first_article: NewArticle,
     group: Group | None = None,
     channel: Channel | None = None,
+    flush: bool = True,
 ) -> Ticket:
+    """A new ticket with its first article; ``flush=False`` leaves the INSERTs to the caller's next
+    flush (the article's and ticket's ids are unset until then), so a batch can write them at once."""
     now = utcnow()
     ticket = Ticket(
         number=next_ticket_number(session),
@@ -94,11 +102,11 @@ def create_ticket(
         updated_at=now,
     )
     session.add(ticket)
-    add_article(session, ticket, first_article)
+    add_article(session, ticket, first_article, flush=flush)
     return ticket
 
 
-def add_article(session: Session, ticket: Ticket, new: NewArticle) -> Article:
+def add_article(session: Session, ticket: Ticket, new: NewArticle, *, flush: bool = True) -> Article:
     article = Article(
         direction=new.direction,
         internal=new.internal,
@@ -119,7 +127,8 @@ def add_article(session: Session, ticket: Ticket, new: NewArticle) -> Article:
     )
     ticket.articles.append(article)
     ticket.updated_at = article.created_at
-    session.flush()
+    if flush:
+        session.flush()
     return article
 
 

@@ -12,7 +12,7 @@ import socket
 import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -76,6 +76,7 @@ class ImapMailbox:
             )
         except (OSError, IMAPClientError) as exc:
             raise _failure(f"connecting to {self.endpoint}", exc) from exc
+        self._client.normalise_times = False  # keep INTERNALDATE's time zone instead of local time
         try:
             self._client.oauth2_login(username, access_token)
         except LoginError as exc:
@@ -120,6 +121,17 @@ class ImapMailbox:
         # "N:*" always includes the highest UID even when it is below N, so filter.
         found = self._call("searching", self.client.search, ["UID", f"{last_uid + 1}:*"])
         return sorted(uid for uid in found if uid > last_uid)
+
+    def uids_arrived_since(self, moment: datetime) -> list[int]:
+        """UIDs of the messages that arrived (INTERNALDATE) at or after ``moment``."""
+        # SEARCH SINCE compares dates in the server's time zone only: widen by a day, then filter exactly.
+        candidates = self._call(
+            "searching", self.client.search, ["SINCE", (moment - timedelta(days=1)).date()]
+        )
+        if not candidates:
+            return []
+        answer = self._call("reading arrival times", self.client.fetch, list(candidates), ["INTERNALDATE"])
+        return sorted(uid for uid, data in answer.items() if _aware(data[b"INTERNALDATE"]) >= moment)
 
     def backlog_uids(self, below_uid: int, *, unseen_only: bool, since: date | None) -> list[int]:
         if below_uid <= 1:
@@ -196,6 +208,10 @@ class ImapMailbox:
         self, kind: type[BaseException] | None, value: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _text(exc: Exception) -> str:
