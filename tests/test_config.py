@@ -65,6 +65,7 @@ def test_it_names_an_unreadable_secret_file(monkeypatch: pytest.MonkeyPatch, tmp
         ("POSTDESK_MICROSOFT_SMTP", "smtp.office365.com:99999", "expected host:port"),
         ("POSTDESK_CA_BUNDLE", "/nonexistent/ca.pem", "no such file"),
         ("POSTDESK_SECRET_KEY", "short", "at least 32 characters"),
+        ("POSTDESK_TICKET_PREFIX", "[Ticket", "without spaces or brackets"),
     ],
 )
 def test_it_fails_fast_naming_the_bad_variable(

@@ -60,12 +60,22 @@ class Settings(BaseSettings):
     microsoft_graph_url: HttpUrl | None = None
     ca_bundle: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    ticket_prefix: str = "Ticket#"
 
     @field_validator("ca_bundle")
     @classmethod
     def _ca_bundle_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"no such file: {value}")
+        return value
+
+    @field_validator("ticket_prefix")
+    @classmethod
+    def _ticket_prefix_plain(cls, value: str) -> str:
+        if not 1 <= len(value) <= 20 or any(c.isspace() or c in "[]" for c in value):
+            raise ValueError(
+                "use 1 to 20 characters without spaces or brackets, for example Ticket# or Case-"
+            )
         return value
 
     @field_validator("secret_key")

@@ -278,3 +278,25 @@ def test_with_idle_new_mail_becomes_a_ticket_within_seconds_without_polling(
     assert [t.title for t in tickets(m365_runtime)] == ["Pushed by IDLE"]
     assert latency < 5, f"took {latency:.1f} s"
     print(f"delivery to ticket with IDLE: {latency:.2f} s")
+
+
+def test_the_ticket_prefix_is_configurable(
+    m365_runtime: Runtime, channel_id: int, dovecot: DovecotServer, mailbox_user: str
+) -> None:
+    from dataclasses import replace
+
+    runtime = replace(
+        m365_runtime, settings=m365_runtime.settings.model_copy(update={"ticket_prefix": "Case-"})
+    )
+    fetch(runtime, channel_id)
+    dovecot.deliver(mailbox_user, customer_mail(to=mailbox_user, subject="Broken laptop"))
+    fetch(runtime, channel_id)
+    [ticket] = tickets(runtime)
+    dovecot.deliver(
+        mailbox_user, customer_mail(to=mailbox_user, subject=f"Re: [Case-{ticket.number}] laptop")
+    )
+    dovecot.deliver(
+        mailbox_user, customer_mail(to=mailbox_user, subject=f"Re: [Ticket#{ticket.number}] laptop")
+    )
+    result = fetch(runtime, channel_id)
+    assert (result.processed.follow_ups, result.processed.tickets) == (1, 1)

@@ -17,8 +17,6 @@ from postdesk.db.models import Article, Channel, InboundMessage, Ticket
 from postdesk.mail import Classification, MailParseError, ParsedMail, classify, parse_message
 from postdesk.mail.threading import thread_message_ids, ticket_numbers_in_subject
 
-TICKET_PREFIX = "Ticket#"
-
 
 @dataclass
 class Inbound:
@@ -28,6 +26,7 @@ class Inbound:
     channel: Channel
     raw: bytes
     own_addresses: frozenset[str]
+    ticket_prefix: str = "Ticket#"
     mail: ParsedMail | None = None
     classification: Classification | None = None
     notes: list[str] = field(default_factory=list)
@@ -109,7 +108,7 @@ def classify_message(_session: Session, inbound: Inbound) -> Outcome:
 
 
 def follow_up_by_ticket_number(session: Session, inbound: Inbound) -> Outcome:
-    numbers = ticket_numbers_in_subject(_mail(inbound).subject, prefix=TICKET_PREFIX)
+    numbers = ticket_numbers_in_subject(_mail(inbound).subject, prefix=inbound.ticket_prefix)
     if numbers:
         _flush_if_pending(session, lambda item: isinstance(item, Ticket) and item.number in numbers)
     for number in numbers:

@@ -145,7 +145,9 @@ def process_row(
     ``row.article_id`` once a flush has given the article its id (in the same transaction).
     """
     raw = read_bytes(runtime.settings.spool_dir, row.sha256)
-    inbound = Inbound(row=row, channel=row.channel, raw=raw, own_addresses=own)
+    inbound = Inbound(
+        row=row, channel=row.channel, raw=raw, own_addresses=own, ticket_prefix=runtime.settings.ticket_prefix
+    )
     return _apply(session, runtime, inbound, decide(session, inbound), links)
 
 
