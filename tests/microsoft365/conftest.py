@@ -13,10 +13,12 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from postdesk.config import Settings
-from postdesk.db.models import Channel, MicrosoftApp, User
+from postdesk.db.models import Channel, MicrosoftApp, Ticket, User
 from postdesk.db.session import transaction
+from postdesk.ingest.fetch import FetchResult, fetch_channel
 from postdesk.runtime import Runtime, bootstrap
 from postdesk.sandbox import CONTOSO_TENANT_ID, RegisteredApp, SandboxDirectory, SandboxServer
 from postdesk.web.app import create_app
@@ -29,6 +31,7 @@ CALLBACK = f"{BASE_URL}/auth/microsoft365/callback"
 ADELE = "adele.vance@contoso.onmicrosoft.com"
 MEGAN = "megan.bowen@contoso.onmicrosoft.com"
 ALEX = "alex.wilber@fabrikam.onmicrosoft.com"
+SECRET_KEY = "test-secret-key-0123456789-abcdefghijklmnop"
 _mailbox_numbers = itertools.count(1)
 
 
@@ -53,13 +56,17 @@ def entra_app(directory: SandboxDirectory) -> RegisteredApp:
 
 
 @pytest.fixture
-def m365_settings(tmp_path: Path, sandbox: SandboxServer) -> Settings:
+def m365_settings(
+    tmp_path: Path, sandbox: SandboxServer, dovecot: DovecotServer, trusted_cas: Path
+) -> Settings:
+    """A desk signing in at the sandbox and reading mail from the test Dovecot."""
     return Settings(
         data_dir=tmp_path / "data",
-        secret_key="test-secret-key-0123456789-abcdefghijklmnop",
+        secret_key=SECRET_KEY,
         base_url=BASE_URL,
         microsoft_login_url=sandbox.base_url,
-        ca_bundle=sandbox.ca_path,
+        ca_bundle=trusted_cas,
+        microsoft_imap=f"127.0.0.1:{dovecot.port}",
     )
 
 
@@ -169,3 +176,23 @@ def mailbox_user(directory: SandboxDirectory) -> str:
         display_name=f"Help Desk {number}",
         tenant_id=CONTOSO_TENANT_ID,
     ).upn
+
+
+@pytest.fixture
+def channel_id(signin: SignIn, m365_runtime: Runtime, mailbox_user: str) -> int:
+    """A mailbox of its own for the test, connected through the real sign-in."""
+    assert signin.connect(mailbox_user).status_code == 303
+    [channel] = channels(m365_runtime)
+    return channel.id
+
+
+def fetch(runtime: Runtime, channel_id: int) -> FetchResult:
+    """One fetch pass that must succeed."""
+    result = fetch_channel(runtime, channel_id)
+    assert result.error is None, result.error
+    return result
+
+
+def tickets(runtime: Runtime) -> list[Ticket]:
+    with runtime.sessions() as session:
+        return list(session.scalars(select(Ticket).order_by(Ticket.id)))

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from html import unescape
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,24 +18,22 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from postdesk.config import Settings
 from postdesk.db.models import (
     BacklogPolicy,
     Channel,
     Group,
     InboundMessage,
     InboundStatus,
-    Ticket,
 )
 from postdesk.db.session import transaction
-from postdesk.ingest.fetch import FetchResult, fetch_channel
+from postdesk.ingest.fetch import fetch_channel
 from postdesk.runtime import Runtime
-from postdesk.sandbox import CONTOSO_TENANT_ID, SandboxDirectory, SandboxServer
+from postdesk.sandbox import CONTOSO_TENANT_ID, SandboxDirectory
 from postdesk.storage import read_bytes
 from postdesk.web.app import create_app
 from tests.conftest import AGENT_PASSWORD, TEST_SECRET_KEY, add_user, csrf_from, sign_in
 from tests.mail import corpus_bytes
-from tests.microsoft365.conftest import BASE_URL, SignIn, channels
+from tests.microsoft365.conftest import BASE_URL, SignIn, channels, fetch, tickets
 from tests.support.dovecot import DovecotServer
 from tests.support.mailfactory import customer_mail
 
@@ -50,34 +47,6 @@ def deliver_earlier(dovecot: DovecotServer, mailbox: str, subject: str) -> None:
 
 POLL_SECONDS = 10
 SMALL_LIMIT = 10_000  # bytes; the settings form's smallest limit is 1 MB, the column takes any
-
-
-@pytest.fixture
-def m365_settings(
-    tmp_path: Path, sandbox: SandboxServer, dovecot: DovecotServer, trusted_cas: Path
-) -> Settings:
-    return Settings(
-        data_dir=tmp_path / "data",
-        secret_key=TEST_SECRET_KEY,
-        base_url=BASE_URL,
-        microsoft_login_url=sandbox.base_url,
-        ca_bundle=trusted_cas,
-        microsoft_imap=f"127.0.0.1:{dovecot.port}",
-    )
-
-
-@pytest.fixture
-def channel_id(signin: SignIn, m365_runtime: Runtime, mailbox_user: str) -> int:
-    """A connected mailbox that has not been fetched yet."""
-    assert signin.connect(mailbox_user).status_code == 303
-    [channel] = channels(m365_runtime)
-    return channel.id
-
-
-def fetch(runtime: Runtime, channel_id: int) -> FetchResult:
-    result = fetch_channel(runtime, channel_id)
-    assert result.error is None, result.error
-    return result
 
 
 def postdesk(runtime: Runtime, *args: str) -> subprocess.CompletedProcess[str]:
@@ -106,11 +75,6 @@ def postdesk(runtime: Runtime, *args: str) -> subprocess.CompletedProcess[str]:
 def json_of(result: subprocess.CompletedProcess[str]) -> Any:
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def tickets(runtime: Runtime) -> list[Ticket]:
-    with runtime.sessions() as session:
-        return list(session.scalars(select(Ticket).order_by(Ticket.id)))
 
 
 def inbound_rows(runtime: Runtime) -> list[InboundMessage]:

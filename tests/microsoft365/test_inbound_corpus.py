@@ -7,12 +7,10 @@ delivers the corpus file byte for byte and fetches again, so the mail is new mai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from postdesk.config import Settings
 from postdesk.db.models import (
     Article,
     Direction,
@@ -23,14 +21,13 @@ from postdesk.db.models import (
     TicketState,
 )
 from postdesk.db.session import transaction
-from postdesk.ingest.fetch import FetchResult, fetch_channel
+from postdesk.ingest.fetch import FetchResult
 from postdesk.mail import sanitise_html
 from postdesk.runtime import Runtime
-from postdesk.sandbox import SandboxServer
 from postdesk.storage import read_bytes
 from postdesk.tickets.service import NewArticle, create_ticket, get_or_create_customer
 from tests.mail import CORPUS, corpus_bytes, parse_corpus
-from tests.microsoft365.conftest import SignIn, channels
+from tests.microsoft365.conftest import fetch, tickets
 from tests.support.dovecot import DovecotServer
 from tests.support.mailfactory import customer_mail
 
@@ -108,34 +105,6 @@ TICKET_FILES = sorted(name for name, expected in EXPECTED.items() if expected.qu
 WITH_ATTACHMENTS = [name for name in TICKET_FILES if parse_corpus(name).attachments]
 
 
-@pytest.fixture
-def m365_settings(
-    tmp_path: Path, sandbox: SandboxServer, dovecot: DovecotServer, trusted_cas: Path
-) -> Settings:
-    return Settings(
-        data_dir=tmp_path / "data",
-        secret_key="test-secret-key-0123456789-abcdefghijklmnop",
-        base_url="http://127.0.0.1:8025",
-        microsoft_login_url=sandbox.base_url,
-        ca_bundle=trusted_cas,
-        microsoft_imap=f"127.0.0.1:{dovecot.port}",
-    )
-
-
-@pytest.fixture
-def channel_id(signin: SignIn, m365_runtime: Runtime, mailbox_user: str) -> int:
-    assert signin.connect(mailbox_user).status_code == 303
-    [channel] = channels(m365_runtime)
-    fetch(m365_runtime, channel.id)  # the baseline: what arrives from now on is new mail
-    return channel.id
-
-
-def fetch(runtime: Runtime, channel_id: int) -> FetchResult:
-    result = fetch_channel(runtime, channel_id)
-    assert result.error is None, result.error
-    return result
-
-
 def deliver_and_fetch(
     runtime: Runtime, channel_id: int, dovecot: DovecotServer, mailbox: str, *raws: bytes
 ) -> FetchResult:
@@ -143,11 +112,6 @@ def deliver_and_fetch(
     result = fetch(runtime, channel_id)
     assert result.fetched == len(raws)
     return result
-
-
-def tickets(runtime: Runtime) -> list[Ticket]:
-    with runtime.sessions() as session:
-        return list(session.scalars(select(Ticket).order_by(Ticket.id)))
 
 
 def articles(runtime: Runtime) -> list[Article]:

@@ -9,9 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-import pytest
 from sqlalchemy import func, select
 
 from postdesk.config import Settings
@@ -19,27 +17,12 @@ from postdesk.db.models import Article, Channel, InboundMessage, InboundStatus
 from postdesk.db.session import transaction
 from postdesk.ingest.fetch import fetch_channel
 from postdesk.runtime import Runtime
-from postdesk.sandbox import SandboxServer
 from tests.microsoft365.conftest import SignIn, channels
 from tests.support.dovecot import DovecotServer
 from tests.support.mailfactory import customer_mail
 
 MESSAGES = 500
 SECRET_KEY = "test-secret-key-0123456789-abcdefghijklmnop"
-
-
-@pytest.fixture
-def m365_settings(
-    tmp_path: Path, sandbox: SandboxServer, dovecot: DovecotServer, trusted_cas: Path
-) -> Settings:
-    return Settings(
-        data_dir=tmp_path / "data",
-        secret_key=SECRET_KEY,
-        base_url="http://127.0.0.1:8025",
-        microsoft_login_url=sandbox.base_url,
-        ca_bundle=trusted_cas,
-        microsoft_imap=f"127.0.0.1:{dovecot.port}",
-    )
 
 
 def _environment(settings: Settings) -> dict[str, str]:

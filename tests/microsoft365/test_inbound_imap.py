@@ -4,53 +4,18 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
-from postdesk.config import Settings
 from postdesk.db.models import Article, Channel, InboundMessage, InboundStatus, Ticket, TicketState
 from postdesk.db.session import transaction
-from postdesk.ingest.fetch import FetchResult, fetch_channel
+from postdesk.ingest.fetch import fetch_channel
 from postdesk.ingest.quarantine import reprocess
 from postdesk.runtime import Runtime
-from postdesk.sandbox import SandboxDirectory, SandboxServer
-from tests.microsoft365.conftest import SignIn, channels
+from postdesk.sandbox import SandboxDirectory
+from tests.microsoft365.conftest import fetch, tickets
 from tests.support.dovecot import DovecotServer
 from tests.support.mailfactory import customer_mail
-
-
-@pytest.fixture
-def m365_settings(
-    tmp_path: Path, sandbox: SandboxServer, dovecot: DovecotServer, trusted_cas: Path
-) -> Settings:
-    return Settings(
-        data_dir=tmp_path / "data",
-        secret_key="test-secret-key-0123456789-abcdefghijklmnop",
-        base_url="http://127.0.0.1:8025",
-        microsoft_login_url=sandbox.base_url,
-        ca_bundle=trusted_cas,
-        microsoft_imap=f"127.0.0.1:{dovecot.port}",
-    )
-
-
-@pytest.fixture
-def channel_id(signin: SignIn, m365_runtime: Runtime, mailbox_user: str) -> int:
-    assert signin.connect(mailbox_user).status_code == 303
-    [channel] = channels(m365_runtime)
-    return channel.id
-
-
-def fetch(runtime: Runtime, channel_id: int) -> FetchResult:
-    result = fetch_channel(runtime, channel_id)
-    assert result.error is None, result.error
-    return result
-
-
-def tickets(runtime: Runtime) -> list[Ticket]:
-    with runtime.sessions() as session:
-        return list(session.scalars(select(Ticket).order_by(Ticket.id)))
 
 
 def articles_of(runtime: Runtime, number: int) -> list[Article]:

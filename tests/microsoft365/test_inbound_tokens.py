@@ -2,38 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
-from postdesk.config import Settings
 from postdesk.ingest.fetch import default_mailbox, fetch_channel
 from postdesk.runtime import Runtime
-from postdesk.sandbox import RegisteredApp, SandboxDirectory, SandboxServer
+from postdesk.sandbox import RegisteredApp, SandboxDirectory
 from postdesk.transports.errors import TransportError
 from postdesk.transports.imap import ImapMailbox
-from tests.microsoft365.conftest import SignIn, channels
-from tests.support.dovecot import DovecotServer
-
-
-@pytest.fixture
-def m365_settings(
-    tmp_path: Path, sandbox: SandboxServer, dovecot: DovecotServer, trusted_cas: Path
-) -> Settings:
-    return Settings(
-        data_dir=tmp_path / "data",
-        secret_key="test-secret-key-0123456789-abcdefghijklmnop",
-        base_url="http://127.0.0.1:8025",
-        microsoft_login_url=sandbox.base_url,
-        ca_bundle=trusted_cas,
-        microsoft_imap=f"127.0.0.1:{dovecot.port}",
-    )
-
-
-@pytest.fixture
-def channel_id(signin: SignIn, m365_runtime: Runtime, mailbox_user: str) -> int:
-    assert signin.connect(mailbox_user).status_code == 303
-    return channels(m365_runtime)[0].id
+from tests.microsoft365.conftest import channels
 
 
 def _grants(directory: SandboxDirectory, app: RegisteredApp) -> int:
