@@ -21,6 +21,7 @@ install: $(INSTALLED) $(HTMX)
 
 ## Run Postdesk with SQLite, sample tickets and the local Microsoft 365 sandbox.
 demo: install
+	@scripts/install-system-packages.sh demo
 	$(BIN)/postdesk demo
 
 ## Install what the tests need (Debian packages included) and run the whole suite.
