@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from postdesk.db.models import Article, Channel, InboundMessage, InboundStatus, Ticket, TicketState
@@ -265,3 +266,18 @@ def test_the_ticket_prefix_is_configurable(
     )
     result = fetch(runtime, channel_id)
     assert (result.processed.follow_ups, result.processed.tickets) == (1, 1)
+
+
+def test_metrics_report_mailbox_health_and_what_became_of_the_mail(
+    m365_runtime: Runtime, channel_id: int, dovecot: DovecotServer, mailbox_user: str, desk: TestClient
+) -> None:
+    fetch(m365_runtime, channel_id)
+    dovecot.deliver(mailbox_user, customer_mail(to=mailbox_user, subject="Counted in metrics"))
+    fetch(m365_runtime, channel_id)
+    desk.cookies.clear()  # scraped without a login
+    text = desk.get("/metrics").text
+    assert f'postdesk_channel_status{{channel_id="{channel_id}",status="ok"}} 1' in text
+    assert f'postdesk_inbound_messages{{channel_id="{channel_id}",outcome="processed"}} 1' in text
+    assert 'postdesk_tickets{state="new"} 1' in text
+    assert f'postdesk_channel_last_successful_fetch_timestamp_seconds{{channel_id="{channel_id}"}}' in text
+    assert mailbox_user not in text

@@ -17,7 +17,7 @@ from postdesk.runtime import Runtime
 from postdesk.security.crypto import SecretError
 from postdesk.security.csrf import CSRF_COOKIE, new_seed
 from postdesk.web.deps import LoginRequired, csrf_protect
-from postdesk.web.routes import auth, health, mailboxes, microsoft365, pages, tickets
+from postdesk.web.routes import auth, health, mailboxes, metrics, microsoft365, pages, tickets
 from postdesk.web.templating import render
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     )
     app.state.runtime = runtime
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module in (health, auth, tickets, pages, microsoft365, mailboxes):
+    for module in (health, metrics, auth, tickets, pages, microsoft365, mailboxes):
         app.include_router(module.router)
     _install_middleware(app, runtime)
     _install_error_pages(app)
