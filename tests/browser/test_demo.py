@@ -92,7 +92,7 @@ def test_a_new_user_connects_a_sandbox_mailbox_and_mail_becomes_a_ticket(
     expect(page.get_by_text("Delivered to support@contoso.onmicrosoft.com")).to_be_visible()
 
     page.goto(f"{url}/tickets")
-    for _ in range(30):
+    for _ in range(120):
         if page.get_by_role("link", name="Demo: the coffee machine is leaking").count():
             break
         page.wait_for_timeout(500)

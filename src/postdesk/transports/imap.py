@@ -10,7 +10,7 @@ import contextlib
 import imaplib
 import socket
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
@@ -176,14 +176,25 @@ class ImapMailbox:
     def supports_idle(self) -> bool:
         return bool(self._call("reading capabilities", self.client.has_capability, "IDLE"))
 
-    def wait_for_change(self, timeout: float) -> bool:
-        """IDLE for up to ``timeout`` seconds; True when the server announced new or changed mail."""
+    def wait_for_change(self, timeout: float, *, idling: Callable[[], object] | None = None) -> bool:
+        """IDLE for up to ``timeout`` seconds; True when the server announced new or changed mail.
+
+        ``idling`` is called once the server has accepted IDLE, i.e. from when on it will push."""
         self._call("starting IDLE", self.client.idle)
+        if idling is not None:
+            idling()
+        responses: list[Any] = []
         try:
-            responses = self._call("waiting in IDLE", self.client.idle_check, timeout=timeout)
+            responses.extend(self._call("waiting in IDLE", self.client.idle_check, timeout=timeout))
         finally:
-            self._call("ending IDLE", self.client.idle_done)
-        return any(len(item) > 1 and item[1] in (b"EXISTS", b"RECENT") for item in responses)
+            # Mail that arrives while IDLE ends is announced in the answer to DONE, and only there:
+            # the next IDLE will not mention it again.
+            _text, closing = self._call("ending IDLE", self.client.idle_done)
+            responses.extend(closing)
+        return any(
+            isinstance(item, tuple) and len(item) > 1 and item[1] in (b"EXISTS", b"RECENT")
+            for item in responses
+        )
 
     def abort(self) -> None:
         """Drop the connection from another thread, e.g. to end an IDLE wait at shutdown."""

@@ -99,10 +99,9 @@ class IdleWatcher:
                 return
             mailbox.open(folder)
             ends = time.monotonic() + SESSION_SECONDS
-            self.idling.set()
             try:
                 while not self.stop_event.is_set() and time.monotonic() < ends:
-                    if mailbox.wait_for_change(IDLE_CHECK_SECONDS):
+                    if mailbox.wait_for_change(IDLE_CHECK_SECONDS, idling=self.idling.set):
                         self.on_new_mail(self.channel_id)
             finally:
                 self.idling.clear()
