@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import itertools
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -143,8 +142,6 @@ def channels(runtime: Runtime) -> list[Channel]:
         return list(session.query(Channel).order_by(Channel.id))
 
 
-ChannelLookup = Callable[[Runtime], list[Channel]]
-__all__ = ["ADELE", "ALEX", "CONTOSO_TENANT_ID", "MEGAN", "Any", "SignIn", "channels", "store_app"]
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from postdesk.sandbox.mailpage import MailPage
+
 SignInAudience = Literal["AzureADMyOrg", "AzureADMultipleOrgs", "AzureADandPersonalMicrosoftAccount"]
 Endpoint = Literal["authorize", "token"]
 AuthorityKind = Literal["tenant", "common", "organizations", "consumers"]
@@ -2181,8 +2183,6 @@ async def _json_object(request: Request) -> dict[str, Any]:
 
 def mail_routes(directory: SandboxDirectory, platform: IdentityPlatform) -> list[Route]:
     """``/_sandbox/mail``: write a customer's email into a sandbox mailbox, for trying Postdesk offline."""
-    from postdesk.sandbox.mailpage import MailPage  # noqa: PLC0415 - mailpage imports this module
-
     page = MailPage(directory, platform.page)
     return [
         Route("/_sandbox/mail", page.form, methods=["GET"]),
