@@ -281,6 +281,8 @@ class Channel(Base):
     account_oid: Mapped[str | None] = mapped_column(String(64))
     account_username: Mapped[str | None] = mapped_column(String(EMAIL_LENGTH))
     token_cache: Mapped[str | None] = mapped_column(EncryptedText("channel.token_cache"))
+    # When the refresh token was last redeemed on purpose; the heartbeat keeps it under a week.
+    token_refreshed_at: Mapped[datetime | None]
     folder: Mapped[str] = mapped_column(String(255), default="INBOX")
     delete_after_fetch: Mapped[bool] = mapped_column(Boolean, default=False)
     max_message_bytes: Mapped[int] = mapped_column(Integer, default=25 * 1024 * 1024)

@@ -271,6 +271,7 @@ def _store_connection(
     channel.token_cache = cache
     channel.status = ChannelStatus.OK
     channel.connected_at = now
+    channel.token_refreshed_at = now
     channel.last_error = None
     channel.last_error_at = None
 

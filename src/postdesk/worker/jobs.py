@@ -12,6 +12,7 @@ from postdesk.db.session import transaction
 from postdesk.db.types import utcnow
 from postdesk.runtime import Runtime
 from postdesk.web.sessions import purge_expired_sessions
+from postdesk.worker.heartbeat import refresh_stale_tokens
 from postdesk.worker.mail import MailScheduler
 from postdesk.worker.scheduler import Job
 
@@ -37,5 +38,6 @@ def default_jobs() -> list[Job]:
     mail = MailScheduler()
     return [
         Job("fetch-mail", interval_seconds=5, run=mail, on_stop=mail.shutdown),
+        Job("token-heartbeat", interval_seconds=3600, run=refresh_stale_tokens),
         Job("purge-stale-sign-ins", interval_seconds=600, run=purge_stale_sign_ins),
     ]
