@@ -15,6 +15,8 @@ from postdesk.config import Settings
 from postdesk.db.models import Role, User
 from postdesk.db.session import transaction
 from postdesk.runtime import Runtime, bootstrap
+from postdesk.sandbox import SandboxDirectory, SandboxServer
+from postdesk.sandbox.mailserver import DovecotServer
 from postdesk.tickets.people import create_user
 from postdesk.web.app import create_app
 from tests.support.postgres import postgres_cluster
@@ -23,6 +25,23 @@ TEST_SECRET_KEY = "test-secret-key-0123456789-abcdefghijklmnop"
 ADMIN_PASSWORD = "admin-password-123"
 AGENT_PASSWORD = "agent-password-123"
 _database_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxServer]:
+    """The sandbox Microsoft identity platform, one for the whole run (tests register their own apps)."""
+    with SandboxServer(SandboxDirectory.default(), state_dir=tmp_path_factory.mktemp("sandbox")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def dovecot(sandbox: SandboxServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotServer]:
+    """A real Dovecot standing in for outlook.office365.com:993, trusting the sandbox's tokens."""
+    server = DovecotServer(
+        tmp_path_factory.mktemp("dovecot"), sandbox_base_url=sandbox.base_url, sandbox_ca=sandbox.ca_path
+    )
+    with server:
+        yield server
 
 
 @pytest.fixture(scope="session")

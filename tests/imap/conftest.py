@@ -9,24 +9,9 @@ from datetime import timedelta
 import pytest
 
 from postdesk.sandbox import CONTOSO_TENANT_ID, RegisteredApp, SandboxDirectory, SandboxServer
-from tests.support.dovecot import IMAP_SCOPE, DovecotServer, IssueToken, access_token_for
+from tests.support.dovecot import IMAP_SCOPE, IssueToken, access_token_for
 
 _mailbox_numbers = itertools.count(1)
-
-
-@pytest.fixture(scope="session")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxServer]:
-    with SandboxServer(SandboxDirectory.default(), state_dir=tmp_path_factory.mktemp("sandbox")) as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def dovecot(sandbox: SandboxServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotServer]:
-    server = DovecotServer(
-        tmp_path_factory.mktemp("dovecot"), sandbox_base_url=sandbox.base_url, sandbox_ca=sandbox.ca_path
-    )
-    with server:
-        yield server
 
 
 @pytest.fixture

@@ -34,12 +34,6 @@ SECRET_KEY = "test-secret-key-0123456789-abcdefghijklmnop"
 _mailbox_numbers = itertools.count(1)
 
 
-@pytest.fixture(scope="session")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxServer]:
-    with SandboxServer(SandboxDirectory.default(), state_dir=tmp_path_factory.mktemp("sandbox")) as server:
-        yield server
-
-
 @pytest.fixture
 def directory(sandbox: SandboxServer) -> Iterator[SandboxDirectory]:
     yield sandbox.directory
@@ -140,18 +134,6 @@ def signin(desk: TestClient, browser: Browser) -> SignIn:
 def channels(runtime: Runtime) -> list[Channel]:
     with runtime.sessions() as session:
         return list(session.query(Channel).order_by(Channel.id))
-
-
-
-
-@pytest.fixture(scope="session")
-def dovecot(sandbox: SandboxServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotServer]:
-    """A real Dovecot standing in for outlook.office365.com:993, trusting the sandbox's tokens."""
-    server = DovecotServer(
-        tmp_path_factory.mktemp("dovecot"), sandbox_base_url=sandbox.base_url, sandbox_ca=sandbox.ca_path
-    )
-    with server:
-        yield server
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from postdesk.sandbox import CONTOSO_TENANT_ID, RegisteredApp, SandboxDirectory
 from postdesk.web.app import create_app
 from tests.conftest import ADMIN_PASSWORD, csrf_from, sign_in
 from tests.microsoft365.conftest import ADELE, BASE_URL, SignIn, channels
+from tests.support.cli import run_postdesk
 
 GOOD_CLIENT_ID = "1b7e8f3a-1111-2222-3333-444455556666"
 GOOD_SECRET = "Abc8Q~k2Jr0sT4vX6zB8dF0hK2mP4rT6vY8aC0eG"
@@ -169,37 +167,13 @@ def test_enable_disable_and_delete_with_confirmation(signin: SignIn, m365_runtim
     assert channels(m365_runtime) == []
 
 
-def _postdesk(runtime: Runtime, *args: str) -> subprocess.CompletedProcess[str]:
-    settings = runtime.settings
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTDESK_")}
-    env.update(
-        {
-            "POSTDESK_DATA_DIR": str(settings.data_dir),
-            "POSTDESK_SECRET_KEY": TEST_KEY,
-            "POSTDESK_MICROSOFT_LOGIN_URL": settings.microsoft_login_url or "",
-            "POSTDESK_CA_BUNDLE": str(settings.ca_bundle),
-        }
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "postdesk", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-TEST_KEY = "test-secret-key-0123456789-abcdefghijklmnop"
-
-
 def test_the_cli_sets_and_shows_the_app_without_printing_the_secret(
     m365_runtime: Runtime, tmp_path: Path
 ) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text(GOOD_SECRET + "\n")
-    result = _postdesk(
-        m365_runtime,
+    result = run_postdesk(
+        m365_runtime.settings,
         "microsoft365",
         "app",
         "set",
@@ -214,7 +188,7 @@ def test_the_cli_sets_and_shows_the_app_without_printing_the_secret(
     )
     assert result.returncode == 0, result.stderr
     assert "auth/microsoft365/callback" in result.stdout
-    shown = _postdesk(m365_runtime, "microsoft365", "app", "show", "--json")
+    shown = run_postdesk(m365_runtime.settings, "microsoft365", "app", "show", "--json")
     app = json.loads(shown.stdout)
     assert app["client_id"] == GOOD_CLIENT_ID
     assert app["tenant"] == "contoso.onmicrosoft.com"
@@ -225,8 +199,8 @@ def test_the_cli_sets_and_shows_the_app_without_printing_the_secret(
 def test_the_cli_refuses_a_pasted_secret_id(m365_runtime: Runtime, tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text("9a8b7c6d-1111-2222-3333-444455556666")
-    result = _postdesk(
-        m365_runtime,
+    result = run_postdesk(
+        m365_runtime.settings,
         "microsoft365",
         "app",
         "set",
@@ -243,7 +217,7 @@ def test_the_cli_refuses_a_pasted_secret_id(m365_runtime: Runtime, tmp_path: Pat
 
 def test_channel_list_json_has_the_documented_fields(signin: SignIn, m365_runtime: Runtime) -> None:
     signin.connect(ADELE)
-    result = _postdesk(m365_runtime, "channel", "list", "--json")
+    result = run_postdesk(m365_runtime.settings, "channel", "list", "--json")
     assert result.returncode == 0, result.stderr
     [channel] = json.loads(result.stdout)
     assert {"id", "email", "transport", "status", "last_fetch_at", "last_error"} <= set(channel)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -31,9 +29,10 @@ from postdesk.runtime import Runtime
 from postdesk.sandbox import CONTOSO_TENANT_ID, SandboxDirectory
 from postdesk.storage import read_bytes
 from postdesk.web.app import create_app
-from tests.conftest import AGENT_PASSWORD, TEST_SECRET_KEY, add_user, csrf_from, sign_in
+from tests.conftest import AGENT_PASSWORD, add_user, csrf_from, sign_in
 from tests.mail import corpus_bytes
 from tests.microsoft365.conftest import BASE_URL, SignIn, channels, fetch, tickets
+from tests.support.cli import run_postdesk
 from tests.support.dovecot import DovecotServer
 from tests.support.mailfactory import customer_mail
 
@@ -47,29 +46,6 @@ def deliver_earlier(dovecot: DovecotServer, mailbox: str, subject: str) -> None:
 
 POLL_SECONDS = 10
 SMALL_LIMIT = 10_000  # bytes; the settings form's smallest limit is 1 MB, the column takes any
-
-
-def postdesk(runtime: Runtime, *args: str) -> subprocess.CompletedProcess[str]:
-    """The `postdesk` command line against this test's data directory, Dovecot and sandbox."""
-    settings = runtime.settings
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTDESK_")}
-    env.update(
-        {
-            "POSTDESK_DATA_DIR": str(settings.data_dir),
-            "POSTDESK_SECRET_KEY": TEST_SECRET_KEY,
-            "POSTDESK_MICROSOFT_LOGIN_URL": settings.microsoft_login_url or "",
-            "POSTDESK_MICROSOFT_IMAP": str(settings.microsoft_imap),
-            "POSTDESK_CA_BUNDLE": str(settings.ca_bundle),
-        }
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "postdesk", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def json_of(result: subprocess.CompletedProcess[str]) -> Any:
@@ -156,7 +132,7 @@ def test_channel_fetch_json_reports_the_counts_of_what_happened(
             corpus_bytes("bounce-dsn.eml"),
         ],
     )
-    [report] = json_of(postdesk(m365_runtime, "channel", "fetch", str(channel_id), "--json"))
+    [report] = json_of(run_postdesk(m365_runtime.settings, "channel", "fetch", str(channel_id), "--json"))
     assert report["channel_id"] == channel_id
     assert report["email"] == mailbox_user
     counts = {key: report[key] for key in ("fetched", "tickets", "follow_ups", "duplicates", "quarantined")}
@@ -182,7 +158,7 @@ def test_channel_fetch_all_fetches_every_mailbox(
         fetch(m365_runtime, channel.id)
     dovecot.deliver(mailbox_user, customer_mail(to=mailbox_user, subject="For the help desk"))
     dovecot.deliver(second, customer_mail(to=second, subject="For sales"))
-    reports = json_of(postdesk(m365_runtime, "channel", "fetch", "--all", "--json"))
+    reports = json_of(run_postdesk(m365_runtime.settings, "channel", "fetch", "--all", "--json"))
     assert [(r["email"], r["fetched"], r["tickets"]) for r in reports] == [
         (mailbox_user, 1, 1),
         (second, 1, 1),
@@ -191,7 +167,7 @@ def test_channel_fetch_all_fetches_every_mailbox(
 
 
 def test_channel_fetch_of_an_unknown_id_exits_1_and_says_so(m365_runtime: Runtime) -> None:
-    result = postdesk(m365_runtime, "channel", "fetch", "999", "--json")
+    result = run_postdesk(m365_runtime.settings, "channel", "fetch", "999", "--json")
     assert result.returncode == 1
     assert "there is no mailbox with ID 999" in result.stderr
     assert result.stdout == ""
@@ -208,7 +184,9 @@ def test_channel_fetch_import_existing_imports_the_mail_that_was_there_before_co
     )
     assert fetch(m365_runtime, channel_id).backlog_waiting == 2  # the worker's first pass only counts
     [report] = json_of(
-        postdesk(m365_runtime, "channel", "fetch", str(channel_id), "--import-existing", "--json")
+        run_postdesk(
+            m365_runtime.settings, "channel", "fetch", str(channel_id), "--import-existing", "--json"
+        )
     )
     assert (report["fetched"], report["tickets"], report["backlog_waiting"]) == (2, 2, None)
     titles = sorted(t.title for t in tickets(m365_runtime))
@@ -221,7 +199,7 @@ def test_channel_fetch_import_existing_imports_the_mail_that_was_there_before_co
 def test_quarantine_list_json_shows_the_reason_mailbox_and_subject(
     m365_runtime: Runtime, quarantined_id: int, mailbox_user: str
 ) -> None:
-    [row] = json_of(postdesk(m365_runtime, "quarantine", "list", "--json"))
+    [row] = json_of(run_postdesk(m365_runtime.settings, "quarantine", "list", "--json"))
     assert row["id"] == quarantined_id
     assert row["channel"] == mailbox_user
     assert row["subject"] == "Scanned contract"
@@ -232,11 +210,11 @@ def test_quarantine_reprocess_after_raising_the_limit_turns_the_message_into_a_t
     m365_runtime: Runtime, quarantined_id: int, channel_id: int
 ) -> None:
     set_limit(m365_runtime, channel_id, 25 * 1024 * 1024)
-    result = postdesk(m365_runtime, "quarantine", "reprocess", str(quarantined_id))
+    result = run_postdesk(m365_runtime.settings, "quarantine", "reprocess", str(quarantined_id))
     assert result.returncode == 0, result.stderr
     assert f"Message {quarantined_id}: processed" in result.stdout
     assert [t.title for t in tickets(m365_runtime)] == ["Scanned contract"]
-    assert json_of(postdesk(m365_runtime, "quarantine", "list", "--json")) == []
+    assert json_of(run_postdesk(m365_runtime.settings, "quarantine", "list", "--json")) == []
 
 
 # -- the channel page --------------------------------------------------------------------------
@@ -545,6 +523,8 @@ def test_channel_fetch_import_existing_imports_mail_an_admin_first_chose_to_leav
         follow_redirects=False,
     )
     [report] = json_of(
-        postdesk(m365_runtime, "channel", "fetch", str(channel_id), "--import-existing", "--json")
+        run_postdesk(
+            m365_runtime.settings, "channel", "fetch", str(channel_id), "--import-existing", "--json"
+        )
     )
     assert (report["fetched"], report["tickets"]) == (1, 1)

@@ -12,32 +12,16 @@ from collections import Counter
 
 from sqlalchemy import func, select
 
-from postdesk.config import Settings
 from postdesk.db.models import Article, Channel, InboundMessage, InboundStatus
 from postdesk.db.session import transaction
 from postdesk.ingest.fetch import fetch_channel
 from postdesk.runtime import Runtime
 from tests.microsoft365.conftest import SignIn, channels
+from tests.support.cli import environment_for
 from tests.support.dovecot import DovecotServer
 from tests.support.mailfactory import customer_mail
 
 MESSAGES = 500
-SECRET_KEY = "test-secret-key-0123456789-abcdefghijklmnop"
-
-
-def _environment(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTDESK_")}
-    env.update(
-        {
-            "POSTDESK_DATA_DIR": str(settings.data_dir),
-            "POSTDESK_SECRET_KEY": SECRET_KEY,
-            "POSTDESK_MICROSOFT_LOGIN_URL": str(settings.microsoft_login_url),
-            "POSTDESK_CA_BUNDLE": str(settings.ca_bundle),
-            "POSTDESK_MICROSOFT_IMAP": str(settings.microsoft_imap),
-            "POSTDESK_LOG_LEVEL": "WARNING",
-        }
-    )
-    return env
 
 
 def test_killing_the_fetch_at_random_points_loses_and_duplicates_nothing(
@@ -72,7 +56,7 @@ def test_killing_the_fetch_at_random_points_loses_and_duplicates_nothing(
             break
         process = subprocess.Popen(
             command,
-            env=_environment(m365_runtime.settings),
+            env=environment_for(m365_runtime.settings),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

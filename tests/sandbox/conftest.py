@@ -30,13 +30,6 @@ def callback_parameters(response: httpx.Response) -> dict[str, str]:
     return support_callback_parameters(response, REDIRECT_URI)
 
 
-@pytest.fixture(scope="session")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxServer]:
-    server = SandboxServer(SandboxDirectory.default(), state_dir=tmp_path_factory.mktemp("sandbox"))
-    with server:
-        yield server
-
-
 @pytest.fixture
 def directory(sandbox: SandboxServer) -> Iterator[SandboxDirectory]:
     """The session's directory, with the clock and queued failures put back after each test."""
