@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,15 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxServer]
     """The sandbox Microsoft identity platform, one for the whole run (tests register their own apps)."""
     with SandboxServer(SandboxDirectory.default(), state_dir=tmp_path_factory.mktemp("sandbox")) as server:
         yield server
+
+
+@pytest.fixture
+def directory(sandbox: SandboxServer) -> Iterator[SandboxDirectory]:
+    """The session's sandbox directory, with the clock and queued failures put back after each test."""
+    yield sandbox.directory
+    sandbox.directory.clock_offset = timedelta(0)
+    while sandbox.directory.take_failure("authorize") or sandbox.directory.take_failure("token"):
+        pass
 
 
 @pytest.fixture(scope="session")

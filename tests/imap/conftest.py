@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from datetime import timedelta
 
 import pytest
 
@@ -12,13 +10,6 @@ from postdesk.sandbox import CONTOSO_TENANT_ID, RegisteredApp, SandboxDirectory,
 from tests.support.dovecot import IMAP_SCOPE, IssueToken, access_token_for
 
 _mailbox_numbers = itertools.count(1)
-
-
-@pytest.fixture
-def directory(sandbox: SandboxServer) -> Iterator[SandboxDirectory]:
-    """The session's directory, with its clock put back after each test."""
-    yield sandbox.directory
-    sandbox.directory.clock_offset = timedelta(0)
 
 
 @pytest.fixture(scope="session")

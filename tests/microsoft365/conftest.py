@@ -6,7 +6,6 @@ import itertools
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -32,14 +31,6 @@ MEGAN = "megan.bowen@contoso.onmicrosoft.com"
 ALEX = "alex.wilber@fabrikam.onmicrosoft.com"
 SECRET_KEY = "test-secret-key-0123456789-abcdefghijklmnop"
 _mailbox_numbers = itertools.count(1)
-
-
-@pytest.fixture
-def directory(sandbox: SandboxServer) -> Iterator[SandboxDirectory]:
-    yield sandbox.directory
-    sandbox.directory.clock_offset = timedelta(0)
-    while sandbox.directory.take_failure("authorize") or sandbox.directory.take_failure("token"):
-        pass
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -28,15 +27,6 @@ OUTLOOK_SCOPES = [
 
 def callback_parameters(response: httpx.Response) -> dict[str, str]:
     return support_callback_parameters(response, REDIRECT_URI)
-
-
-@pytest.fixture
-def directory(sandbox: SandboxServer) -> Iterator[SandboxDirectory]:
-    """The session's directory, with the clock and queued failures put back after each test."""
-    yield sandbox.directory
-    sandbox.directory.clock_offset = timedelta(0)
-    while sandbox.directory.take_failure("authorize") or sandbox.directory.take_failure("token"):
-        pass
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from postdesk.cli.common import console, fail, print_json, start
 from postdesk.db.models import Channel, ChannelStatus, InboundMessage
 from postdesk.ingest.fetch import FetchResult, fetch_channel
 from postdesk.ingest.quarantine import quarantined, reprocess
+from postdesk.runtime import Runtime
 
 quarantine_app = typer.Typer(help="Mail that could not be turned into tickets.", no_args_is_help=True)
 
@@ -58,7 +59,7 @@ def fetch_command(
         raise typer.Exit(1)
 
 
-def _fetch_with_progress(runtime: Any, channel_id: int, email: str, *, quiet: bool) -> FetchResult:
+def _fetch_with_progress(runtime: Runtime, channel_id: int, email: str, *, quiet: bool) -> FetchResult:
     with Progress(console=console, transient=True, disable=quiet) as bar:
         task = bar.add_task(f"Fetching {email}", total=None)
         result = fetch_channel(

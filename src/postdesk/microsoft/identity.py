@@ -9,6 +9,7 @@ POSTDESK_CA_BUNDLE (MSAL's own ``verify=`` is overridden by that variable).
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import tempfile
@@ -38,17 +39,21 @@ def trust_store(settings: Settings) -> str | bool:
     """The CA file for outbound TLS: the system store plus POSTDESK_CA_BUNDLE, merged into one file."""
     if settings.ca_bundle is None:
         return True
+    # Every fetch and sign-in asks; the merge is redone only when the bundle changes.
+    return _merged_trust_store(settings.data_dir, settings.ca_bundle, settings.ca_bundle.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _merged_trust_store(data_dir: Path, ca_bundle: Path, _version: int) -> str:
     system = ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
-    merged = settings.data_dir / "trusted-cas.pem"
+    merged = data_dir / "trusted-cas.pem"
     parts = [
         Path(system).read_text(encoding="utf-8") if Path(system).is_file() else "",
-        settings.ca_bundle.read_text(encoding="utf-8"),
+        ca_bundle.read_text(encoding="utf-8"),
     ]
     content = "\n".join(parts)
     if not merged.is_file() or merged.read_text(encoding="utf-8") != content:
-        with tempfile.NamedTemporaryFile(
-            "w", dir=settings.data_dir, delete=False, encoding="utf-8"
-        ) as handle:
+        with tempfile.NamedTemporaryFile("w", dir=data_dir, delete=False, encoding="utf-8") as handle:
             handle.write(content)
         Path(handle.name).replace(merged)
     return str(merged)

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
-from postdesk.db.models import User, WebSession
+from postdesk.db.models import Channel, User, WebSession
 from postdesk.runtime import Runtime
 from postdesk.security.csrf import CSRF_COOKIE, CSRF_FIELD, CSRF_HEADER, token_is_valid
 from postdesk.web.sessions import SESSION_COOKIE, resolve_session
@@ -79,6 +79,13 @@ async def csrf_protect(request: Request, runtime: RuntimeDep) -> None:
             status_code=403,
             detail="This form has expired or was sent from another site. Reload the page and try again.",
         )
+
+
+def channel_or_404(db: Session, channel_id: int) -> Channel:
+    channel = db.get(Channel, channel_id)
+    if channel is None:
+        raise HTTPException(status_code=404, detail="That mailbox no longer exists.")
+    return channel
 
 
 def safe_next(target: str | None, default: str = "/tickets") -> str:

@@ -8,26 +8,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
-from sqlalchemy import select
 
-from postdesk.db.models import BacklogPolicy, Channel, ChannelEvent, Group, InboundMessage, InboundStatus
+from postdesk.db.models import BacklogPolicy, ChannelEvent, InboundMessage, InboundStatus
 from postdesk.ingest.background import start_fetch
 from postdesk.ingest.fetch import access_token_for_channel, default_mailbox
 from postdesk.ingest.quarantine import quarantined, reprocess
 from postdesk.storage import read_bytes
 from postdesk.transports.errors import TransportError
-from postdesk.web.deps import CurrentAdmin, RuntimeDep, SessionDep
+from postdesk.web.deps import CurrentAdmin, RuntimeDep, SessionDep, channel_or_404
 from postdesk.web.templating import render
 
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
-
-
-def _channel(db: SessionDep, channel_id: int) -> Channel:
-    channel = db.get(Channel, channel_id)
-    if channel is None:
-        raise HTTPException(status_code=404, detail="That mailbox no longer exists.")
-    return channel
 
 
 @router.post("/channels/{channel_id}/settings")
@@ -43,7 +35,7 @@ def save_settings(
     backlog_policy: Annotated[BacklogPolicy, Form()] = BacklogPolicy.UNREAD,
     backlog_since: Annotated[str, Form()] = "",
 ) -> Response:
-    channel = _channel(db, channel_id)
+    channel = channel_or_404(db, channel_id)
     if folder.strip() and folder.strip() != channel.folder:
         # Another folder is another UID space: start from where it stands now.
         channel.folder = folder.strip()
@@ -92,7 +84,7 @@ def decide_backlog(
     admin: CurrentAdmin,
     decision: Annotated[str, Form()],
 ) -> Response:
-    channel = _channel(db, channel_id)
+    channel = channel_or_404(db, channel_id)
     if decision == "import":
         channel.backlog_confirmed = True
         message = f"Import of {channel.backlog_count or 0} existing messages confirmed."
@@ -108,7 +100,7 @@ def decide_backlog(
 
 @router.post("/channels/{channel_id}/fetch")
 def fetch_now(channel_id: int, db: SessionDep, runtime: RuntimeDep, admin: CurrentAdmin) -> Response:
-    _channel(db, channel_id)
+    channel_or_404(db, channel_id)
     start_fetch(runtime, channel_id)
     return RedirectResponse(f"/channels/{channel_id}?notice=fetching", status_code=303)
 
@@ -118,7 +110,7 @@ def folder_choices(
     request: Request, channel_id: int, db: SessionDep, runtime: RuntimeDep, admin: CurrentAdmin
 ) -> Response:
     """The folder field as a list of the mailbox's real folders (loaded into the settings form by htmx)."""
-    channel = _channel(db, channel_id)
+    channel = channel_or_404(db, channel_id)
     try:
         token = access_token_for_channel(db, runtime, channel)
         db.commit()
@@ -170,7 +162,3 @@ def quarantine_reprocess(row_id: int, runtime: RuntimeDep, admin: CurrentAdmin) 
         raise HTTPException(status_code=404, detail="That message is not in quarantine any more.")
     notice = "released" if row.status is not InboundStatus.QUARANTINED else "still"
     return RedirectResponse(f"/quarantine?notice={notice}", status_code=303)
-
-
-def group_choices(db: SessionDep) -> list[Group]:
-    return list(db.scalars(select(Group).order_by(Group.name)))

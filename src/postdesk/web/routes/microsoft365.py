@@ -34,7 +34,8 @@ from postdesk.microsoft.registration import (
     parse_account_types,
     validate_app_registration,
 )
-from postdesk.web.deps import CurrentAdmin, RuntimeDep, SessionDep, WebSessionDep
+from postdesk.runtime import Runtime
+from postdesk.web.deps import CurrentAdmin, RuntimeDep, SessionDep, WebSessionDep, channel_or_404
 from postdesk.web.sessions import SESSION_COOKIE, session_id_for
 from postdesk.web.templating import render
 
@@ -65,7 +66,7 @@ def _web_session_id(request: Request) -> str:
 
 
 def channels_page(
-    request: Request, db: Session, runtime: Any, admin: User, *, status_code: int = 200, **extra: Any
+    request: Request, db: Session, runtime: Runtime, admin: User, *, status_code: int = 200, **extra: Any
 ) -> Response:
     registration = current_registration(db)
     settings = runtime.settings
@@ -306,7 +307,7 @@ def callback(
 
 
 def _admin_consent_result(
-    request: Request, db: Session, runtime: Any, admin: User, params: dict[str, str]
+    request: Request, db: Session, runtime: Runtime, admin: User, params: dict[str, str]
 ) -> Response:
     registration = current_registration(db)
     if params.get("error") and registration is not None:
@@ -315,16 +316,9 @@ def _admin_consent_result(
     return RedirectResponse("/channels?notice=consented", status_code=303)
 
 
-def _channel_or_404(db: Session, channel_id: int) -> Channel:
-    channel = db.get(Channel, channel_id)
-    if channel is None:
-        raise HTTPException(status_code=404, detail="That mailbox no longer exists.")
-    return channel
-
-
 @router.post("/channels/{channel_id}/enable")
 def enable_channel(channel_id: int, db: SessionDep, admin: CurrentAdmin) -> Response:
-    channel = _channel_or_404(db, channel_id)
+    channel = channel_or_404(db, channel_id)
     channel.status = ChannelStatus.OK
     db.add(ChannelEvent(channel_id=channel.id, kind="enabled", actor_id=admin.id, message="Enabled."))
     db.commit()
@@ -333,7 +327,7 @@ def enable_channel(channel_id: int, db: SessionDep, admin: CurrentAdmin) -> Resp
 
 @router.post("/channels/{channel_id}/disable")
 def disable_channel(channel_id: int, db: SessionDep, admin: CurrentAdmin) -> Response:
-    channel = _channel_or_404(db, channel_id)
+    channel = channel_or_404(db, channel_id)
     channel.status = ChannelStatus.DISABLED
     db.add(ChannelEvent(channel_id=channel.id, kind="disabled", actor_id=admin.id, message="Disabled."))
     db.commit()
@@ -344,7 +338,7 @@ def disable_channel(channel_id: int, db: SessionDep, admin: CurrentAdmin) -> Res
 def delete_channel(
     channel_id: int, db: SessionDep, admin: CurrentAdmin, confirm: Annotated[str, Form()] = ""
 ) -> Response:
-    channel = _channel_or_404(db, channel_id)
+    channel = channel_or_404(db, channel_id)
     if confirm.strip().lower() != channel.email.lower():
         raise HTTPException(
             status_code=422, detail=f"To delete, type the mailbox address {channel.email} to confirm."
@@ -356,7 +350,7 @@ def delete_channel(
 
 @router.get("/channels/{channel_id}")
 def channel_detail(request: Request, channel_id: int, db: SessionDep, admin: CurrentAdmin) -> Response:
-    channel = _channel_or_404(db, channel_id)
+    channel = channel_or_404(db, channel_id)
     events = db.scalars(
         select(ChannelEvent)
         .where(ChannelEvent.channel_id == channel.id)
