@@ -60,10 +60,15 @@ def test_killing_the_fetch_at_random_points_loses_and_duplicates_nothing(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        try:
-            # Interpreter start-up takes most of a second; the fetch itself a few seconds.
-            process.wait(timeout=chance.uniform(0.5, 1.8))
-        except subprocess.TimeoutExpired:
+        # Kill when the work has moved on by a random amount: a few more rows stored, or a few more
+        # articles made. Watching progress rather than the clock keeps the kills inside the work on a
+        # slow machine as well as a fast one.
+        rows, articles = _progress(m365_runtime)
+        if rows < MESSAGES:
+            target = (rows + chance.randint(1, MESSAGES - rows), -1)
+        else:
+            target = (-1, articles + chance.randint(1, max(1, MESSAGES - articles)))
+        if _wait_for(process, m365_runtime, target):
             process.send_signal(signal.SIGKILL)
             process.wait()
             progress_at_kills.append(_progress(m365_runtime))
@@ -84,6 +89,19 @@ def test_killing_the_fetch_at_random_points_loses_and_duplicates_nothing(
     assert set(stored) == set(message_ids), f"missing: {sorted(set(message_ids) - set(stored))[:5]}"
     assert max(stored.values()) == 1, f"duplicated: {[m for m, n in stored.items() if n > 1][:5]}"
     assert dovecot.message_count(mailbox_user) == 0
+
+
+def _wait_for(process: subprocess.Popen[bytes], runtime: Runtime, target: tuple[int, int]) -> bool:
+    """Poll until progress reaches `target` (True: still running, kill it) or the process ends (False)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        rows, articles = _progress(runtime)
+        if (target[0] >= 0 and rows >= target[0]) or (target[1] >= 0 and articles >= target[1]):
+            return process.poll() is None
+        time.sleep(0.01)
+    return True
 
 
 def _progress(runtime: Runtime) -> tuple[int, int]:
