@@ -38,7 +38,7 @@ check: install
 
 ## Benchmarks: each figure next to a baseline measured in the same run (needs Dovecot, like the tests).
 bench: install system-packages
-	PYTHONPATH=. $(BIN)/python -m bench.ingest
+	PYTHONPATH=. $(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) postdesk-demo .pytest_cache .mypy_cache .ruff_cache

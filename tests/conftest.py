@@ -18,6 +18,7 @@ from postdesk.db.session import transaction
 from postdesk.runtime import Runtime, bootstrap
 from postdesk.sandbox import SandboxDirectory, SandboxServer
 from postdesk.sandbox.mailserver import DovecotServer
+from postdesk.sandbox.submission import SubmissionServer
 from postdesk.tickets.people import create_user
 from postdesk.web.app import create_app
 from tests.support.postgres import postgres_cluster
@@ -52,6 +53,25 @@ def dovecot(sandbox: SandboxServer, tmp_path_factory: pytest.TempPathFactory) ->
     )
     with server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def submission(
+    sandbox: SandboxServer, dovecot: DovecotServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SubmissionServer]:
+    """A stand-in for smtp.office365.com:587 (STARTTLS, XOAUTH2) filing accepted mail into Dovecot."""
+    server = SubmissionServer(sandbox.directory, tmp_path_factory.mktemp("submission"), dovecot=dovecot)
+    with server:
+        yield server
+
+
+@pytest.fixture
+def smtp_submission(submission: SubmissionServer) -> Iterator[SubmissionServer]:
+    """The session's submission server with no queued faults, grants, SMTP AUTH switches or accepted mail
+    left over, and its settings back to the defaults, before and after the test."""
+    submission.reset()
+    yield submission
+    submission.reset()
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "POSTDESK_"
-SECRET_FIELDS = ("secret_key",)
+# Webhook URLs of Slack, Teams and the like carry their credential in the URL itself.
+SECRET_FIELDS = ("secret_key", "alert_smtp_password", "alert_webhook_url")
 
 
 class ConfigError(Exception):
@@ -40,8 +41,16 @@ def _http_url(value: str) -> str:
     return value.rstrip("/")
 
 
+def _email_address(value: str) -> str:
+    local, at, domain = value.strip().rpartition("@")
+    if not at or not local or "." not in domain or any(c.isspace() or c in "<>,;" for c in value.strip()):
+        raise ValueError(f"expected an email address such as postdesk@example.com, got {value!r}")
+    return value.strip()
+
+
 HostPort = Annotated[str, AfterValidator(_host_port)]
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
+EmailAddress = Annotated[str, AfterValidator(_email_address)]
 
 
 class Settings(BaseSettings):
@@ -61,6 +70,56 @@ class Settings(BaseSettings):
     ca_bundle: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     ticket_prefix: str = "Ticket#"
+    alert_webhook_url: SecretStr | None = None
+    alert_smtp: HostPort | None = None
+    alert_smtp_username: str | None = Field(default=None, validate_default=True)
+    alert_smtp_password: SecretStr | None = Field(default=None, validate_default=True)
+    alert_from: EmailAddress | None = Field(default=None, validate_default=True)
+    alert_emails: Annotated[tuple[EmailAddress, ...], NoDecode] = ()
+    # How long a worker's hold on a mailbox lasts without renewal (renewed every quarter of it).
+    worker_lease_seconds: int = Field(default=60, ge=2, le=3600)
+
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _webhook_is_http(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        url = value.get_secret_value().strip()
+        parts = urlsplit(url)
+        # Unlike the other URLs a query string is allowed: Teams workflow URLs carry their signature there.
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("expected an http(s) URL such as https://hooks.example.com/postdesk")
+        return SecretStr(url)
+
+    @field_validator("alert_smtp_username")
+    @classmethod
+    def _username_needs_relay(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not info.data.get("alert_smtp"):
+            raise ValueError("set POSTDESK_ALERT_SMTP too (the relay this account signs in to)")
+        return value or None
+
+    @field_validator("alert_smtp_password")
+    @classmethod
+    def _password_with_username(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if "alert_smtp_username" not in info.data:  # the username's own error says what to fix
+            return value
+        if (value is None) != (info.data["alert_smtp_username"] is None):
+            raise ValueError("set POSTDESK_ALERT_SMTP_USERNAME and POSTDESK_ALERT_SMTP_PASSWORD together")
+        return value
+
+    @field_validator("alert_from")
+    @classmethod
+    def _relay_needs_sender(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("alert_smtp"):
+            raise ValueError("required with POSTDESK_ALERT_SMTP: the address alert mail comes from")
+        return value
+
+    @field_validator("alert_emails", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @field_validator("ca_bundle")
     @classmethod

@@ -7,6 +7,7 @@ ever created by write-fsync-rename and never modified, so the directories can li
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -39,42 +40,46 @@ def store_many(root: Path, contents: Sequence[bytes]) -> list[str]:
     The same guarantee as storing them one by one (each file is fsynced before it is renamed into
     place, and its directory is fsynced after the rename), with the waiting done together: all files
     are written, fsynced in parallel and renamed, then each directory touched is fsynced once.
+    Paths are plain strings here: a batch is hundreds of files, and Path objects cost more than the
+    system calls they wrap.
     """
     digests = [hashlib.sha256(content).hexdigest() for content in contents]
-    missing: dict[Path, bytes] = {}
+    base = os.fspath(root)
+    missing: dict[str, bytes] = {}
     for digest, content in zip(digests, contents, strict=True):
-        target = _path_for(root, digest)
-        if target not in missing and not target.exists():
+        target = os.path.join(base, digest[:2], digest[2:4], digest)
+        if target not in missing and not os.path.exists(target):
             missing[target] = content
     if not missing:
         return digests
+    directories = list(dict.fromkeys(os.path.dirname(target) for target in missing))
+    for directory in directories:
+        os.makedirs(directory, exist_ok=True)
     written = _write_synced(missing)
     try:
         while written:
-            target, temporary = written[0]
+            target, temporary = written[-1]
             os.replace(temporary, target)
-            written.pop(0)
+            written.pop()
     finally:
         for _, temporary in written:
-            temporary.unlink(missing_ok=True)
-    _parallel(_fsync_directory, list(dict.fromkeys(target.parent for target in missing)))
+            _unlink(temporary)
+    _parallel(_fsync_directory, directories)
     return digests
 
 
-def _write_synced(files: dict[Path, bytes]) -> list[tuple[Path, Path]]:
+def _write_synced(files: dict[str, bytes]) -> list[tuple[str, str]]:
     """Write each content to a temporary file next to its target and fsync them all."""
-    opened: list[tuple[Path, int, Path]] = []
+    opened: list[tuple[str, int, str]] = []
     try:
         for target, content in files.items():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
-            opened.append((target, fd, Path(name)))
-            with os.fdopen(fd, "wb", closefd=False) as handle:
-                handle.write(content)
+            fd, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".incoming-")
+            opened.append((target, fd, temporary))
+            _write_all(fd, content)
         _parallel(os.fsync, [fd for _, fd, _ in opened])
     except BaseException:
         for _, _, temporary in opened:
-            temporary.unlink(missing_ok=True)
+            _unlink(temporary)
         raise
     finally:
         for _, fd, _ in opened:
@@ -82,7 +87,18 @@ def _write_synced(files: dict[Path, bytes]) -> list[tuple[Path, Path]]:
     return [(target, temporary) for target, _, temporary in opened]
 
 
-def _fsync_directory(directory: Path) -> None:
+def _write_all(fd: int, content: bytes) -> None:
+    view = memoryview(content)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _fsync_directory(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -91,11 +107,22 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def _parallel(function: Callable[[_Item], object], items: list[_Item]) -> None:
+    """``function`` on every item, on up to ``_FSYNC_THREADS`` threads at once.
+
+    One task per thread, each taking every n-th item: a task (and a future) per item cost more than
+    the fsync it waits for.
+    """
     if len(items) == 1:
         function(items[0])
         return
-    for _ in _fsync_pool.map(function, items):
+    shares = [items[start::_FSYNC_THREADS] for start in range(min(_FSYNC_THREADS, len(items)))]
+    for _ in _fsync_pool.map(_each, [function] * len(shares), shares):
         pass  # map re-raises the first failure here
+
+
+def _each(function: Callable[[_Item], object], items: list[_Item]) -> None:
+    for item in items:
+        function(item)
 
 
 def read_bytes(root: Path, sha256: str) -> bytes:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import itertools
 import ssl
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from email.message import EmailMessage
 from pathlib import Path
 
 import httpx
@@ -14,15 +17,20 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from postdesk.config import Settings
-from postdesk.db.models import Channel, MicrosoftApp, Ticket, User
+from postdesk.db.models import Channel, DeliveryStatus, MicrosoftApp, OutboundMessage, Ticket, User
 from postdesk.db.session import transaction
 from postdesk.ingest.fetch import FetchResult, fetch_channel
+from postdesk.outbox.queue import Draft, queue_reply
 from postdesk.runtime import Runtime, bootstrap
 from postdesk.sandbox import CONTOSO_TENANT_ID, RegisteredApp, SandboxDirectory, SandboxServer
+from postdesk.sandbox.submission import SubmissionServer
+from postdesk.tickets.service import get_ticket
 from postdesk.web.app import create_app
 from tests.conftest import ADMIN_PASSWORD, add_user, sign_in
-from tests.support.dovecot import DovecotServer
+from tests.support.dovecot import DovecotServer, inbox
+from tests.support.mailfactory import customer_mail
 from tests.support.sandbox_browser import Browser
+from tests.support.tls import ca_bundle
 
 BASE_URL = "http://127.0.0.1:8025"
 CALLBACK = f"{BASE_URL}/auth/microsoft365/callback"
@@ -30,7 +38,10 @@ ADELE = "adele.vance@contoso.onmicrosoft.com"
 MEGAN = "megan.bowen@contoso.onmicrosoft.com"
 ALEX = "alex.wilber@fabrikam.onmicrosoft.com"
 SECRET_KEY = "test-secret-key-0123456789-abcdefghijklmnop"
+QUESTION_ID = "<question-1@fabrikam.onmicrosoft.com>"
+DELIVERY_DEADLINE_SECONDS = 20
 _mailbox_numbers = itertools.count(1)
+_customers = itertools.count(1)
 
 
 @pytest.fixture
@@ -41,9 +52,14 @@ def entra_app(directory: SandboxDirectory) -> RegisteredApp:
 
 @pytest.fixture
 def m365_settings(
-    tmp_path: Path, sandbox: SandboxServer, dovecot: DovecotServer, trusted_cas: Path
+    tmp_path: Path,
+    sandbox: SandboxServer,
+    dovecot: DovecotServer,
+    smtp_submission: SubmissionServer,
+    trusted_cas: Path,
 ) -> Settings:
-    """A desk signing in at the sandbox and reading mail from the test Dovecot."""
+    """A desk signing in at the sandbox, reading mail from the test Dovecot and sending through the
+    test submission server."""
     return Settings(
         data_dir=tmp_path / "data",
         secret_key=SECRET_KEY,
@@ -51,6 +67,7 @@ def m365_settings(
         microsoft_login_url=sandbox.base_url,
         ca_bundle=trusted_cas,
         microsoft_imap=f"127.0.0.1:{dovecot.port}",
+        microsoft_smtp=f"127.0.0.1:{smtp_submission.port}",
     )
 
 
@@ -129,12 +146,13 @@ def channels(runtime: Runtime) -> list[Channel]:
 
 @pytest.fixture(scope="session")
 def trusted_cas(
-    sandbox: SandboxServer, dovecot: DovecotServer, tmp_path_factory: pytest.TempPathFactory
+    sandbox: SandboxServer,
+    dovecot: DovecotServer,
+    submission: SubmissionServer,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
-    """POSTDESK_CA_BUNDLE for a desk that talks to both the sandbox and Dovecot."""
-    bundle = tmp_path_factory.mktemp("cas") / "cas.pem"
-    bundle.write_text(sandbox.ca_path.read_text() + dovecot.ca_path.read_text())
-    return bundle
+    """POSTDESK_CA_BUNDLE for a desk that talks to the sandbox, Dovecot and the submission server."""
+    return ca_bundle(tmp_path_factory.mktemp("cas") / "cas.pem", sandbox, dovecot, submission)
 
 
 @pytest.fixture
@@ -166,3 +184,124 @@ def fetch(runtime: Runtime, channel_id: int) -> FetchResult:
 def tickets(runtime: Runtime) -> list[Ticket]:
     with runtime.sessions() as session:
         return list(session.scalars(select(Ticket).order_by(Ticket.id)))
+
+
+# -- a customer writes in, the desk answers --------------------------------------------------------
+
+
+@pytest.fixture
+def customer() -> str:
+    """A customer whose mailbox is in the test Dovecot (another tenant's domain, like a real customer)."""
+    return f"customer{next(_customers)}@fabrikam.onmicrosoft.com"
+
+
+Inbox = Callable[[], list[EmailMessage]]
+
+
+@pytest.fixture
+def customer_inbox(dovecot: DovecotServer, customer: str) -> Inbox:
+    """The customer's inbox in the test Dovecot, read afresh at each call."""
+    return lambda: inbox(dovecot, customer)
+
+
+@pytest.fixture
+def colleague(customer: str) -> str:
+    return f"colleague-of-{customer}"
+
+
+@pytest.fixture
+def question_cc() -> tuple[str, ...]:
+    """Whom the customer's first mail copies (nobody, unless a test module overrides this)."""
+    return ()
+
+
+@pytest.fixture
+def ticket_number(
+    channel_id: int,
+    m365_runtime: Runtime,
+    dovecot: DovecotServer,
+    mailbox_user: str,
+    customer: str,
+    question_cc: tuple[str, ...],
+) -> int:
+    """A ticket opened by the customer's mail "Printer on fire" (QUESTION_ID) to the connected mailbox."""
+    return receive_mail(
+        m365_runtime,
+        dovecot,
+        channel_id,
+        mailbox_user,
+        sender=f"Jana Novák <{customer}>",
+        subject="Printer on fire",
+        message_id=QUESTION_ID,
+        extra_headers={"Cc": ", ".join(question_cc)} if question_cc else None,
+    ).number
+
+
+def receive_mail(
+    runtime: Runtime,
+    dovecot: DovecotServer,
+    channel_id: int,
+    mailbox: str,
+    *,
+    sender: str,
+    subject: str,
+    message_id: str | None = None,
+    in_reply_to: str | None = None,
+    extra_headers: dict[str, str] | None = None,
+) -> Ticket:
+    """A customer's mail arrives in the connected ``mailbox`` and is fetched: the desk's one ticket."""
+    dovecot.deliver(
+        mailbox,
+        customer_mail(
+            to=mailbox,
+            sender=sender,
+            subject=subject,
+            message_id=message_id,
+            in_reply_to=in_reply_to,
+            extra_headers=extra_headers,
+        ),
+    )
+    fetch(runtime, channel_id)
+    [ticket] = tickets(runtime)
+    return ticket
+
+
+def queue_draft(runtime: Runtime, number: int, draft: Draft) -> int:
+    """Queue a reply (or note) to ticket ``number`` outside the web, as nobody: its article's id."""
+    with transaction(runtime.sessions) as session:
+        ticket = get_ticket(session, number)
+        assert ticket is not None
+        return queue_reply(session, runtime.settings, ticket, draft, author=None).id
+
+
+def find_delivery(runtime: Runtime, article_id: int) -> OutboundMessage | None:
+    with runtime.sessions() as session:
+        return session.scalar(select(OutboundMessage).where(OutboundMessage.article_id == article_id))
+
+
+def delivery_of(runtime: Runtime, article_id: int) -> OutboundMessage:
+    """The outbound message of the article, which must have one."""
+    row = find_delivery(runtime, article_id)
+    assert row is not None
+    return row
+
+
+@contextmanager
+def changing_delivery(runtime: Runtime, article_id: int) -> Iterator[OutboundMessage]:
+    """The article's outbound message, for the block to change and the transaction to save."""
+    with transaction(runtime.sessions) as session:
+        row = session.scalar(select(OutboundMessage).where(OutboundMessage.article_id == article_id))
+        assert row is not None
+        yield row
+
+
+def wait_for_delivery(runtime: Runtime, article_id: int, *statuses: DeliveryStatus) -> OutboundMessage:
+    """Wait for the background sender the reply route started to finish with the article's mail."""
+    deadline = time.monotonic() + DELIVERY_DEADLINE_SECONDS
+    while True:
+        row = find_delivery(runtime, article_id)
+        if row is not None and row.status in statuses:
+            return row
+        if time.monotonic() > deadline:
+            pytest.fail(f"article {article_id} still {row.status if row else 'unqueued'} after the deadline")
+        time.sleep(0.1)

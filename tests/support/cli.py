@@ -18,6 +18,7 @@ def environment_for(settings: Settings) -> dict[str, str]:
         "BASE_URL": settings.base_url,
         "MICROSOFT_LOGIN_URL": settings.microsoft_login_url,
         "MICROSOFT_IMAP": settings.microsoft_imap,
+        "MICROSOFT_SMTP": settings.microsoft_smtp,
         "CA_BUNDLE": str(settings.ca_bundle) if settings.ca_bundle else None,
         "LOG_LEVEL": "WARNING",
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from datetime import UTC, datetime
+from email import message_from_bytes, policy
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 
@@ -38,3 +39,10 @@ def customer_mail(
         name, content = attachment
         message.add_attachment(content, maintype="application", subtype="octet-stream", filename=name)
     return message.as_bytes()
+
+
+def parse_mail(raw: bytes) -> EmailMessage:
+    """A message as the tests read it: with the modern API (``get_body``, ``iter_attachments``)."""
+    parsed = message_from_bytes(raw, policy=policy.default)
+    assert isinstance(parsed, EmailMessage)
+    return parsed

@@ -14,6 +14,7 @@ from postdesk.cli.common import console, fail, print_json, start
 from postdesk.db.models import Channel, MicrosoftApp
 from postdesk.db.session import transaction
 from postdesk.db.types import utcnow
+from postdesk.microsoft.audit import describe_app_change, record_credential_change
 from postdesk.microsoft.certificates import generate_certificate, load_certificate_and_key
 from postdesk.microsoft.connect import current_registration
 from postdesk.microsoft.registration import normalise_tenant, parse_account_types, validate_app_registration
@@ -91,6 +92,10 @@ def app_set(
             _apply_certificate(registration, certificate, runtime.settings.data_dir)
             registration.use_certificate = True
         session.add(registration)
+        message = describe_app_change(registration, new_secret=secret is not None)
+        if certificate is not None:
+            message += f" Signing in with the certificate {registration.certificate_thumbprint}."
+        record_credential_change(session, registration, f"{message} (command line)", actor=None)
     console.print(f"Saved. Register this Web redirect URI in Entra ID: {runtime.settings.oauth_redirect_uri}")
 
 

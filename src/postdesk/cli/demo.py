@@ -19,6 +19,7 @@ from postdesk.microsoft.connect import current_registration
 from postdesk.runtime import Runtime, bootstrap
 from postdesk.sandbox import CONTOSO_TENANT_ID, SandboxDirectory, SandboxServer
 from postdesk.sandbox.mailserver import DovecotServer
+from postdesk.sandbox.submission import SubmissionServer
 from postdesk.security.passwords import hash_password
 from postdesk.security.redact import configure_logging
 from postdesk.tickets.people import create_user, find_user
@@ -86,10 +87,24 @@ def _start_mail_server(
     return server
 
 
-def _trusted_cas(data_dir: Path, sandbox: SandboxServer, mail_server: DovecotServer | None) -> Path:
+def _start_submission_server(
+    directory: SandboxDirectory, mail_server: DovecotServer | None, data_dir: Path
+) -> SubmissionServer | None:
+    """The sandbox's stand-in for smtp.office365.com:587, filing sent mail into the Dovecot mailboxes."""
+    if mail_server is None:
+        return None
+    server = SubmissionServer(directory, data_dir / "submission", dovecot=mail_server)
+    try:
+        server.start()
+    except (OSError, RuntimeError) as exc:
+        console.print(f"[yellow]The sandbox SMTP server did not start ({exc}); replies will not be sent.[/]")
+        return None
+    return server
+
+
+def _trusted_cas(data_dir: Path, ca_paths: list[Path]) -> Path:
     bundle = data_dir / "sandbox-cas.pem"
-    parts = [sandbox.ca_path.read_text()] + ([mail_server.ca_path.read_text()] if mail_server else [])
-    bundle.write_text("".join(parts))
+    bundle.write_text("".join(path.read_text() for path in ca_paths))
     return bundle
 
 
@@ -100,14 +115,17 @@ def run_demo(*, port: int, sandbox_port: int, data_dir: Path) -> None:
     sandbox = SandboxServer(directory, state_dir=data_dir / "sandbox", port=sandbox_port)
     sandbox.start()
     mail_server = _start_mail_server(directory, sandbox, data_dir)
+    submission = _start_submission_server(directory, mail_server, data_dir)
     try:
+        ca_paths = [sandbox.ca_path] + [server.ca_path for server in (mail_server, submission) if server]
         settings = Settings(
             data_dir=data_dir,
             base_url=f"http://127.0.0.1:{port}",
             microsoft_login_url=sandbox.base_url,
-            ca_bundle=_trusted_cas(data_dir, sandbox, mail_server),
-            # Without a mail server nothing listens here, and the channel page says so plainly.
+            ca_bundle=_trusted_cas(data_dir, ca_paths),
+            # Without mail servers nothing listens here, and the channel page says so plainly.
             microsoft_imap=f"127.0.0.1:{mail_server.port if mail_server else 9}",
+            microsoft_smtp=f"127.0.0.1:{submission.port if submission else 9}",
         )
         runtime = bootstrap(settings, apply_migrations=True)
         configure_logging(settings.log_level)
@@ -118,6 +136,11 @@ def run_demo(*, port: int, sandbox_port: int, data_dir: Path) -> None:
             if mail_server
             else "Incoming mail in the demo needs Dovecot: apt-get install dovecot-imapd, as root."
         )
+        if submission is not None:
+            mail_line += (
+                f"\nReplies go out through the sandbox SMTP server (127.0.0.1:{submission.port}); a copy"
+                " lands in the sending mailbox's Sent Items."
+            )
         users = ", ".join(
             user.upn for user in directory.users.values() if user.tenant_id == CONTOSO_TENANT_ID
         )
@@ -139,6 +162,8 @@ def run_demo(*, port: int, sandbox_port: int, data_dir: Path) -> None:
         )
         run_server(runtime, host="127.0.0.1", port=port, with_worker=True)
     finally:
+        if submission is not None:
+            submission.stop()
         if mail_server is not None:
             mail_server.stop()
         sandbox.stop()

@@ -1,4 +1,4 @@
-"""Entry point: ``postdesk serve|worker|db|user|ticket|microsoft365|channel|demo``."""
+"""Entry point: ``postdesk serve|worker|db|user|token|ticket|microsoft365|channel|demo``."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import Annotated
 
 import typer
 
-from postdesk.cli import channels, mail, tickets, users
+from postdesk.cli import alerts, channels, mail, outbox, tickets, tokens, users
 from postdesk.cli.common import console, errors, start
 from postdesk.cli.demo import run_demo
+from postdesk.cli.doctor import doctor_command
 from postdesk.cli.server import run_server
 from postdesk.db import migrate
 from postdesk.security.crypto import SecretError
@@ -31,7 +32,12 @@ app.add_typer(tickets.app, name="ticket")
 app.add_typer(channels.microsoft365_app, name="microsoft365")
 app.add_typer(channels.app, name="channel")
 app.add_typer(mail.quarantine_app, name="quarantine")
+app.add_typer(tokens.app, name="token")
+app.add_typer(outbox.app, name="outbox")
+app.add_typer(alerts.app, name="alerts")
 channels.app.command("fetch")(mail.fetch_command)
+app.command("doctor")(doctor_command)
+tickets.app.command("reply")(outbox.reply_command)
 
 
 @app.command()
@@ -50,7 +56,10 @@ def serve(
 
 @app.command("worker")
 def worker_command() -> None:
-    """Run only the background worker (fetching mail, sending replies, housekeeping) until SIGTERM."""
+    """Run only the background worker (fetching mail, sending replies, housekeeping) until SIGTERM.
+
+    With PostgreSQL, run as many as you like, on any hosts: they share the mailboxes (docs/deployment.md).
+    """
     runtime = start()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

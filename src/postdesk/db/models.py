@@ -79,6 +79,13 @@ class BacklogPolicy(enum.StrEnum):
     NONE = "none"
 
 
+class DeliveryStatus(enum.StrEnum):
+    QUEUED = "queued"  # waiting for its first or next attempt
+    SENDING = "sending"  # handed to a sender; if the lease runs out, the outcome must be checked
+    SENT = "sent"  # the server accepted it
+    FAILED = "failed"  # refused for good; the reason is on the row in plain words
+
+
 class Transport(enum.StrEnum):
     IMAP = "imap"
     GRAPH = "graph"
@@ -157,6 +164,8 @@ class Ticket(Base):
     __table_args__ = (
         Index("ix_tickets_state_updated_at", "state", "updated_at"),
         Index("ix_tickets_group_id_updated_at", "group_id", "updated_at"),
+        # "Open tickets of my group", the most common list an agent looks at.
+        Index("ix_tickets_group_id_state_updated_at", "group_id", "state", "updated_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -211,6 +220,7 @@ class Article(Base):
     attachments: Mapped[list[Attachment]] = relationship(
         back_populates="article", order_by="Attachment.id", cascade="all, delete-orphan"
     )
+    delivery: Mapped[OutboundMessage | None] = relationship(back_populates="article")
 
 
 class Attachment(Base):
@@ -268,6 +278,8 @@ class Channel(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     email: Mapped[str] = mapped_column(String(EMAIL_LENGTH), unique=True)
     display_name: Mapped[str] = mapped_column(String(200), default="")
+    # The name customers see on replies ("Contoso Support"); empty: the mailbox's own display name.
+    sender_name: Mapped[str] = mapped_column(String(200), default="")
     transport: Mapped[Transport] = mapped_column(
         _enum(Transport, "channel_transport"), default=Transport.IMAP
     )
@@ -305,6 +317,15 @@ class Channel(Base):
     last_mail_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     last_error_at: Mapped[datetime | None]
+    # Alert when no mail arrived for this many hours (None: off, for quiet mailboxes).
+    watchdog_hours: Mapped[int | None] = mapped_column(Integer)
+    # Transient token failures in a row, and since when: escalated to an error only when they persist.
+    token_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    token_failing_since: Mapped[datetime | None]
+    token_refresh_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Which worker fetches this mailbox, until when (renewed by its heartbeat; free to take after).
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_until: Mapped[datetime | None]
 
     group: Mapped[Group | None] = relationship()
     microsoft_app: Mapped[MicrosoftApp | None] = relationship()
@@ -387,3 +408,98 @@ class OAuthFlow(Base):
     flow: Mapped[str] = mapped_column(EncryptedText("oauth_flow.flow"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     used_at: Mapped[datetime | None]
+
+
+class OutboundMessage(Base):
+    """An outbound article's mail, queued in the same transaction as the article.
+
+    The composed message (with its Message-ID) is in the spool before the row is committed, so every
+    attempt sends the same bytes and the customer's mail client sees one message however often it
+    was retried.
+    """
+
+    __tablename__ = "outbound_messages"
+    __table_args__ = (Index("ix_outbound_messages_status_next_attempt_at", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    article_id: Mapped[int] = mapped_column(ForeignKey("articles.id", ondelete="CASCADE"), unique=True)
+    channel_id: Mapped[int | None] = mapped_column(ForeignKey("channels.id", ondelete="SET NULL"), index=True)
+    message_id: Mapped[str] = mapped_column(String(998), unique=True)
+    mail_from: Mapped[str] = mapped_column(String(EMAIL_LENGTH))
+    # Envelope recipients, one address per line.
+    recipients: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    status: Mapped[DeliveryStatus] = mapped_column(
+        _enum(DeliveryStatus, "delivery_status"), default=DeliveryStatus.QUEUED
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A sender owns a SENDING row until then; after it, another sender checks the outcome first.
+    lease_until: Mapped[datetime | None]
+    last_attempt_at: Mapped[datetime | None]
+    sent_at: Mapped[datetime | None]
+    # The server's last reply, verbatim (e.g. "554 5.2.252 SendAsDenied; …"), and what it means.
+    server_reply: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    article: Mapped[Article] = relationship(back_populates="delivery")
+    channel: Mapped[Channel | None] = relationship()
+
+
+class ApiToken(Base):
+    """A personal REST API token. The secret is shown once; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # The first characters of the token, so a person can tell their tokens apart in the list.
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+    user: Mapped[User] = relationship()
+
+
+class Alert(Base):
+    """Something an admin must hear about: a mailbox that stopped, a secret about to expire, silence.
+
+    ``key`` names the condition (``channel:5:attention``, ``secret:1:14d``); while an alert with that
+    key is open (not resolved) the condition is not announced again.
+    """
+
+    __tablename__ = "alerts"
+    __table_args__ = (Index("ix_alerts_key_resolved_at", "key", "resolved_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(40))
+    severity: Mapped[str] = mapped_column(String(16), default="warning")
+    channel_id: Mapped[int | None] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"), index=True)
+    title: Mapped[str] = mapped_column(String(300))
+    message: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When admins were told (email and/or webhook), and what went wrong telling them.
+    notified_at: Mapped[datetime | None]
+    notify_error: Mapped[str | None] = mapped_column(Text)
+    resolved_at: Mapped[datetime | None]
+
+    channel: Mapped[Channel | None] = relationship()
+
+
+class Worker(Base):
+    """A running ``postdesk worker`` (or ``serve`` with its embedded worker): who shares the mailboxes."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

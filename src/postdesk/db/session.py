@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Insert, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -16,7 +17,9 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    # FULL, not NORMAL: a committed inbound row is what allows deleting the server copy, so a commit
+    # must survive a power cut (NORMAL in WAL mode may lose the last transactions).
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()
 
 
@@ -37,3 +40,9 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session whose work is committed when the block ends, rolled back if it raises."""
     with factory() as session, session.begin():
         yield session
+
+
+def insert_ignoring_duplicates(session: Session, model: type[Any]) -> Insert:
+    """INSERT … ON CONFLICT DO NOTHING, in the session's dialect (SQLite or PostgreSQL)."""
+    build = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    return build(model).on_conflict_do_nothing()

@@ -4,20 +4,23 @@ Order of events for every batch, which is what makes a crash at any point safe:
 1. the raw bytes are written to the spool and fsynced (content-addressed, so rewriting is harmless);
 2. the inbound rows and the channel's new last UID are committed together;
 3. only then is the server copy flagged \\Seen or deleted, and the row marked ``server_done``;
-4. the rows are processed into articles, each in its own transaction.
+4. once all batches are stored, the rows are processed into articles, a transaction per batch of
+   rows (from the bytes still in memory, as far as they were kept, rather than read back).
 A crash before 2 refetches the batch; after 2 the rows exist and step 3 is finished at the next pass.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session
 
 from postdesk.db.models import (
@@ -28,9 +31,9 @@ from postdesk.db.models import (
     InboundMessage,
     InboundStatus,
 )
+from postdesk.db.session import insert_ignoring_duplicates
 from postdesk.db.types import utcnow
 from postdesk.ingest.process import ProcessCounts, process_stored
-from postdesk.ingest.quickheaders import summary_headers
 from postdesk.microsoft.clouds import endpoints_for
 from postdesk.microsoft.identity import MicrosoftIdentity, trust_store
 from postdesk.microsoft.tokens import TokenError, acquire_access_token
@@ -38,9 +41,15 @@ from postdesk.runtime import Runtime
 from postdesk.storage import store_many
 from postdesk.transports.errors import TransportError
 from postdesk.transports.imap import FetchedMessage, FolderState, ImapMailbox
+from postdesk.worker.leases import lease_conflict
 
 log = logging.getLogger(__name__)
-BATCH = 50
+# A batch is spooled, committed and flagged on the server together: the fsyncs of a batch overlap, so
+# fewer, larger batches wait on the disk less often.
+BATCH = 200
+BATCH_BYTES = 32 * 1024 * 1024
+# Fetched bytes kept in memory for processing; past this, processing reads them back from the spool.
+KEEP_BYTES = 64 * 1024 * 1024
 # Server and Postdesk clocks may differ a little; mail this close to the connection counts as new.
 ARRIVAL_MARGIN = timedelta(minutes=2)
 BACKLOG_AUTO_IMPORT = 0  # any backlog at all waits for the admin to confirm the count
@@ -57,8 +66,27 @@ def _lock_for(channel_id: int) -> threading.Lock:
 
 def default_mailbox(runtime: Runtime) -> ImapMailbox:
     store = trust_store(runtime.settings)
-    context = ssl.create_default_context(cafile=store if isinstance(store, str) else None)
+    context = _tls_context(store if isinstance(store, str) else None)
     return ImapMailbox(endpoints_for(runtime.settings).imap, ssl_context=context)
+
+
+def _tls_context(cafile: str | None) -> ssl.SSLContext:
+    """The TLS settings for IMAP connections, made once per version of the CA file.
+
+    Reading the CA store took longer than fetching a few messages, and a mailbox is fetched every few
+    seconds; a context is safe to share between connections and threads.
+    """
+    path = cafile or ssl.get_default_verify_paths().cafile
+    try:
+        version = os.stat(path).st_mtime_ns if path else 0
+    except OSError:
+        version = 0  # create_default_context says what is wrong with it
+    return _cached_tls_context(cafile, version)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tls_context(cafile: str | None, _version: int) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cafile)
 
 
 @dataclass
@@ -99,18 +127,27 @@ def fetch_channel(
     *,
     mailbox_factory: MailboxFactory = default_mailbox,
     progress: Callable[[int, int], None] | None = None,
+    worker_id: str | None = None,
 ) -> FetchResult:
     """Fetch and process one mailbox now. Never raises for mail or server trouble: it is in the result
-    and on the channel row (``last_error``) in words that say what to do."""
+    and on the channel row (``last_error``) in words that say what to do.
+
+    ``worker_id``: the worker fetching under its lease on the mailbox, which it must still hold. Without
+    one (``postdesk channel fetch``, "Fetch now") the fetch is skipped while another worker holds a live
+    lease: that worker fetches the mailbox anyway. Leases keep workers apart; the unique key on inbound
+    mail, not the lease, is what keeps a message from being stored twice."""
     result = FetchResult(channel_id=channel_id)
     lock = _lock_for(channel_id)
     if not lock.acquire(blocking=False):
         result.skipped = "a fetch of this mailbox is already running"
         return result
     try:
-        _guarded_fetch(runtime, result, mailbox_factory, progress)
+        result.skipped = lease_conflict(runtime, channel_id, worker_id=worker_id)
+        if result.skipped:
+            return result
+        spooled = _guarded_fetch(runtime, result, mailbox_factory, progress)
         # Also picks up rows an interrupted earlier pass stored but did not process.
-        result.processed = process_stored(runtime, channel_id=channel_id)
+        result.processed = process_stored(runtime, channel_id=channel_id, spooled=spooled)
     finally:
         lock.release()
     _record_success(runtime, result)
@@ -122,9 +159,10 @@ def _guarded_fetch(
     result: FetchResult,
     factory: MailboxFactory,
     progress: Callable[[int, int], None] | None,
-) -> None:
+) -> dict[str, bytes]:
+    """Fetch and store; returns the stored bytes it kept in memory for processing, by SHA-256."""
     try:
-        _fetch(runtime, result, factory, progress)
+        return _fetch(runtime, result, factory, progress)
     except _Refused as exc:
         result.error = str(exc)
         _record_failure(runtime, result.channel_id, str(exc), exc.status)
@@ -138,6 +176,7 @@ def _guarded_fetch(
             f"cannot write to the mail spool ({exc.strerror or exc}); nothing was removed from the server"
         )
         _record_failure(runtime, result.channel_id, result.error, ChannelStatus.ERROR)
+    return {}
 
 
 def _fetch(
@@ -145,21 +184,21 @@ def _fetch(
     result: FetchResult,
     factory: MailboxFactory,
     progress: Callable[[int, int], None] | None,
-) -> None:
+) -> dict[str, bytes]:
     with runtime.sessions() as session:
         channel = session.get(Channel, result.channel_id)
         if channel is None:
             result.skipped = "the mailbox no longer exists"
-            return
+            return {}
         result.email = channel.email
         if channel.status in (ChannelStatus.DISABLED, ChannelStatus.NEEDS_REAUTH):
             result.skipped = f"the mailbox is {channel.status.value.replace('_', ' ')}"
-            return
+            return {}
         token = _access_token(session, runtime, channel, force=False)
         session.commit()
     with factory(runtime) as mailbox:
         _login(runtime, mailbox, result.channel_id, result.email, token)
-        _run_pass(runtime, mailbox, result, progress)
+        return _run_pass(runtime, mailbox, result, progress)
 
 
 def access_token_for_channel(session: Session, runtime: Runtime, channel: Channel) -> str:
@@ -208,7 +247,7 @@ def _login(runtime: Runtime, mailbox: ImapMailbox, channel_id: int, email: str, 
 
 def _run_pass(
     runtime: Runtime, mailbox: ImapMailbox, result: FetchResult, progress: Callable[[int, int], None] | None
-) -> None:
+) -> dict[str, bytes]:
     with runtime.sessions() as session:
         channel = session.get(Channel, result.channel_id)
         assert channel is not None
@@ -223,13 +262,12 @@ def _run_pass(
         result.backlog_waiting = channel.backlog_count if waiting else None
         session.commit()
     total = len(backlog) + len(uids)
+    kept = _Kept()
     for is_backlog, todo in ((True, backlog), (False, uids)):
-        for start in range(0, len(todo), BATCH):
-            batch = todo[start : start + BATCH]
-            stored = _store_batch(
-                runtime, result, folder, state, list(mailbox.fetch(batch)), is_backlog=is_backlog
-            )
-            _server_actions(runtime, mailbox, result.channel_id, stored)
+        for batch in _in_batches(mailbox.fetch(todo)):
+            stored = _store_batch(runtime, result, folder, state, batch, is_backlog=is_backlog)
+            _server_actions(runtime, mailbox, result.channel_id, stored.uids)
+            kept.add(stored.spooled)
             result.fetched += len(batch)
             _report_progress(runtime, result, total, progress)
     if backlog:
@@ -237,6 +275,36 @@ def _run_pass(
             channel = session.get(Channel, result.channel_id)
             assert channel is not None
             channel.backlog_done = True
+    return kept.by_digest
+
+
+def _in_batches(messages: Iterable[FetchedMessage]) -> Iterator[list[FetchedMessage]]:
+    """Fetched mail in batches of ``BATCH`` messages, or fewer if they hold ``BATCH_BYTES`` already."""
+    batch: list[FetchedMessage] = []
+    size = 0
+    for message in messages:
+        batch.append(message)
+        size += len(message.raw)
+        if len(batch) >= BATCH or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+@dataclass
+class _Kept:
+    """The bytes this pass stored, kept so that processing need not read them back from the spool; up
+    to ``KEEP_BYTES`` in all (processing reads the rest from the spool)."""
+
+    by_digest: dict[str, bytes] = field(default_factory=dict)
+    size: int = 0
+
+    def add(self, spooled: dict[str, bytes]) -> None:
+        for digest, raw in spooled.items():
+            if self.size + len(raw) <= KEEP_BYTES:
+                self.by_digest[digest] = raw
+                self.size += len(raw)
 
 
 def _report_progress(
@@ -246,9 +314,12 @@ def _report_progress(
         progress(result.fetched, total)
     if total > BATCH:  # a large import: let the channel page show how far it got
         with runtime.sessions() as session, session.begin():
-            channel = session.get(Channel, result.channel_id)
-            if channel is not None:
-                channel.last_fetch_summary = f"importing: {result.fetched} of {total} messages fetched"
+            session.execute(
+                update(Channel)
+                .where(Channel.id == result.channel_id)
+                .values(last_fetch_summary=f"importing: {result.fetched} of {total} messages fetched")
+                .execution_options(synchronize_session=False)
+            )
 
 
 def _note_folder_state(session: Session, mailbox: ImapMailbox, channel: Channel, state: FolderState) -> None:
@@ -298,6 +369,12 @@ def _backlog(session: Session, mailbox: ImapMailbox, channel: Channel) -> list[i
     return uids if channel.backlog_confirmed else []
 
 
+@dataclass
+class _Stored:
+    uids: list[int]  # every message of the batch, now safe: the server copies may be flagged
+    spooled: dict[str, bytes] = field(default_factory=dict)  # the bytes of the new rows, by SHA-256
+
+
 def _store_batch(
     runtime: Runtime,
     result: FetchResult,
@@ -306,68 +383,83 @@ def _store_batch(
     messages: list[FetchedMessage],
     *,
     is_backlog: bool,
-) -> list[int]:
-    """Spool, then commit rows and the new last UID together. Returns the UIDs now safely stored."""
-    digests = list(
-        zip(
-            messages,
-            store_many(runtime.settings.spool_dir, [message.raw for message in messages]),
-            strict=True,
-        )
-    )
+) -> _Stored:
+    """Spool, then commit rows and the new last UID together."""
+    digests = store_many(runtime.settings.spool_dir, [message.raw for message in messages])
+    stored = _Stored(uids=[message.uid for message in messages])
     with runtime.sessions() as session, session.begin():
-        channel = session.get(Channel, result.channel_id)
-        assert channel is not None
         known = set(
             session.scalars(
                 select(InboundMessage.sha256).where(
-                    InboundMessage.channel_id == channel.id,
-                    InboundMessage.sha256.in_([d for _, d in digests]),
+                    InboundMessage.channel_id == result.channel_id, InboundMessage.sha256.in_(digests)
                 )
             )
         )
-        for message, digest in digests:
-            if digest in known:
-                continue  # the same bytes again, e.g. after a UIDVALIDITY change
-            known.add(digest)
-            headers = summary_headers(message.raw)
-            session.add(
-                InboundMessage(
-                    channel_id=channel.id,
-                    folder=folder,
-                    uidvalidity=state.uidvalidity,
-                    uid=message.uid,
-                    sha256=digest,
-                    size=len(message.raw),
-                    message_id=headers.message_id,
-                    subject=headers.subject,
-                    sender=headers.sender,
-                    status=InboundStatus.STORED,
-                )
+        new: dict[str, FetchedMessage] = {}
+        for message, digest in zip(messages, digests, strict=True):
+            if digest not in known:  # else the same bytes again, e.g. after a UIDVALIDITY change
+                new.setdefault(digest, message)
+        if new:
+            # DO NOTHING on the unique (channel, folder, UIDVALIDITY, UID): a worker whose lease ran out
+            # while it fetched may store the same message as its successor; the first row stands.
+            session.execute(
+                insert_ignoring_duplicates(session, InboundMessage),
+                [_row(result.channel_id, folder, state, message, digest) for digest, message in new.items()],
             )
-        if messages and not is_backlog:
-            channel.imap_last_uid = max(channel.imap_last_uid, *(m.uid for m in messages))
+            stored.spooled = {digest: message.raw for digest, message in new.items()}
         if messages:
-            channel.last_mail_at = utcnow()
-    return [message.uid for message in messages]
+            _note_new_mail(session, result.channel_id, max(stored.uids), is_backlog=is_backlog)
+    return stored
+
+
+def _row(
+    channel_id: int, folder: str, state: FolderState, message: FetchedMessage, digest: str
+) -> dict[str, object]:
+    # Subject, sender and Message-ID are filled in when the row is processed, from the one full parse.
+    return {
+        "channel_id": channel_id,
+        "folder": folder,
+        "uidvalidity": state.uidvalidity,
+        "uid": message.uid,
+        "sha256": digest,
+        "size": len(message.raw),
+        "status": InboundStatus.STORED,
+        "fetched_at": utcnow(),
+    }
+
+
+def _note_new_mail(session: Session, channel_id: int, highest_uid: int, *, is_backlog: bool) -> None:
+    values: dict[str, object] = {"last_mail_at": utcnow()}
+    if not is_backlog:
+        values["imap_last_uid"] = case(
+            (Channel.imap_last_uid < highest_uid, highest_uid), else_=Channel.imap_last_uid
+        )
+    session.execute(
+        update(Channel)
+        .where(Channel.id == channel_id)
+        .values(values)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _server_actions(runtime: Runtime, mailbox: ImapMailbox, channel_id: int, uids: list[int]) -> None:
     if not uids:
         return
     with runtime.sessions() as session, session.begin():
-        channel = session.get(Channel, channel_id)
-        assert channel is not None
-        (mailbox.delete if channel.delete_after_fetch else mailbox.mark_seen)(uids)
-        rows = session.scalars(
-            select(InboundMessage).where(
+        delete_after_fetch, uidvalidity = session.execute(
+            select(Channel.delete_after_fetch, Channel.imap_uidvalidity).where(Channel.id == channel_id)
+        ).one()
+        (mailbox.delete if delete_after_fetch else mailbox.mark_seen)(uids)
+        session.execute(
+            update(InboundMessage)
+            .where(
                 InboundMessage.channel_id == channel_id,
                 InboundMessage.uid.in_(uids),
-                InboundMessage.uidvalidity == channel.imap_uidvalidity,
+                InboundMessage.uidvalidity == uidvalidity,
             )
+            .values(server_done=True)
+            .execution_options(synchronize_session=False)
         )
-        for row in rows:
-            row.server_done = True
 
 
 def _finish_server_actions(

@@ -1,28 +1,31 @@
 """The inbound pipeline as a list of named steps, each returning an explicit outcome.
 
-A step looks at the message (and the database, read-only) and says: continue, attach to this ticket,
-skip as a duplicate of that article, or quarantine for this reason. Only the last stage writes. The
-steps run from the stored raw bytes, so a crash anywhere just means the row is processed again.
+A step looks at the message and says: continue, attach to this ticket, skip as a duplicate of that
+article, or quarantine for this reason. The reading steps need nothing but the bytes; the matching steps
+look up what the help desk already holds in ``Known``, which is loaded for a whole batch of messages at
+once (see ``postdesk.ingest.known``). Only the last stage writes. The steps run from the stored raw
+bytes, so a crash anywhere just means the row is processed again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from postdesk.db.models import Article, Channel, InboundMessage, Ticket
+from postdesk.db.models import Channel, TicketState
+from postdesk.ingest.known import ArticleRef, Known, TicketRef
 from postdesk.mail import Classification, MailParseError, ParsedMail, classify, parse_message
 from postdesk.mail.threading import thread_message_ids, ticket_numbers_in_subject
 
 
 @dataclass
 class Inbound:
-    """What the steps know about one message; each step may fill in more."""
+    """What the steps know about one stored message; each step may fill in more."""
 
-    row: InboundMessage
+    row_id: int
+    size: int
     channel: Channel
     raw: bytes
     own_addresses: frozenset[str]
@@ -44,13 +47,17 @@ class Quarantine:
 
 @dataclass(frozen=True)
 class Duplicate:
-    article_id: int | None
-    reason: str
+    article: ArticleRef
+
+    @property
+    def reason(self) -> str:
+        # Read when the row is written: an article opened earlier in the same batch has an id by then.
+        return f"already stored as article {self.article.id} (same Message-ID)"
 
 
 @dataclass(frozen=True)
 class AttachTo:
-    ticket: Ticket
+    ticket: TicketRef
     reason: str
 
 
@@ -60,14 +67,18 @@ class NewTicket:
 
 
 Outcome = Continue | Quarantine | Duplicate | AttachTo | NewTicket
-Step = Callable[[Session, Inbound], Outcome]
+ReadStep = Callable[[Inbound], Outcome]
+MatchStep = Callable[[Known, Inbound], Outcome]
 
 
-def check_size(_session: Session, inbound: Inbound) -> Outcome:
+# --- reading: the message alone -------------------------------------------------------------------
+
+
+def check_size(inbound: Inbound) -> Outcome:
     limit = inbound.channel.max_message_bytes
-    if inbound.row.size > limit:
+    if inbound.size > limit:
         return Quarantine(
-            f"the message is {_megabytes(inbound.row.size)}, over this mailbox's limit of "
+            f"the message is {_megabytes(inbound.size)}, over this mailbox's limit of "
             f"{_megabytes(limit)}; it is kept here and can be reprocessed after raising the limit"
         )
     return Continue()
@@ -78,7 +89,7 @@ def _megabytes(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MB ({size:,} bytes)"
 
 
-def parse(_session: Session, inbound: Inbound) -> Outcome:
+def parse(inbound: Inbound) -> Outcome:
     try:
         inbound.mail = parse_message(inbound.raw)
     except MailParseError as exc:
@@ -86,76 +97,50 @@ def parse(_session: Session, inbound: Inbound) -> Outcome:
     return Continue()
 
 
-def skip_duplicates(session: Session, inbound: Inbound) -> Outcome:
-    """The same message fetched again (a resync, a copy in another folder) becomes no second article."""
-    message_id = _mail(inbound).message_id
-    if message_id is None:
-        return Continue()
-    _see_pending_articles(session, {message_id})
-    existing = session.scalar(
-        select(Article.id)
-        .where(Article.channel_id == inbound.channel.id, Article.message_id == message_id)
-        .limit(1)
-    )
-    if existing is not None:
-        return Duplicate(existing, f"already stored as article {existing} (same Message-ID)")
-    return Continue()
-
-
-def classify_message(_session: Session, inbound: Inbound) -> Outcome:
+def classify_message(inbound: Inbound) -> Outcome:
     inbound.classification = classify(_mail(inbound), own_addresses=inbound.own_addresses)
     return Continue()
 
 
-def follow_up_by_ticket_number(session: Session, inbound: Inbound) -> Outcome:
-    numbers = ticket_numbers_in_subject(_mail(inbound).subject, prefix=inbound.ticket_prefix)
-    if numbers:
-        _flush_if_pending(session, lambda item: isinstance(item, Ticket) and item.number in numbers)
-    for number in numbers:
-        ticket = session.scalar(select(Ticket).where(Ticket.number == number))
+# --- matching: the message against what the help desk holds --------------------------------------
+
+
+def skip_duplicates(known: Known, inbound: Inbound) -> Outcome:
+    """The same message fetched again (a resync, a copy in another folder) becomes no second article."""
+    message_id = _mail(inbound).message_id
+    if message_id is None:
+        return Continue()
+    existing = known.article_with_message_id(inbound.channel.id, message_id)
+    return Duplicate(existing) if existing is not None else Continue()
+
+
+def follow_up_by_ticket_number(known: Known, inbound: Inbound) -> Outcome:
+    for number in ticket_numbers_in_subject(_mail(inbound).subject, prefix=inbound.ticket_prefix):
+        ticket = known.ticket_numbered(number)
         if ticket is not None:
             return AttachTo(ticket, f"the subject names ticket {number}")
     return Continue()
 
 
-def follow_up_by_references(session: Session, inbound: Inbound) -> Outcome:
+def follow_up_by_references(known: Known, inbound: Inbound) -> Outcome:
     """In-Reply-To and References name a message Postdesk already holds: the same conversation."""
-    mail = _mail(inbound)
-    candidates = list(thread_message_ids(mail))
-    classification = inbound.classification
-    if classification is not None and classification.bounced_message_id:
-        candidates.insert(0, classification.bounced_message_id)
-    if not candidates:
-        return Continue()
-    _see_pending_articles(session, set(candidates))
-    rows = session.execute(
-        select(Article.message_id, Article.ticket_id).where(Article.message_id.in_(candidates))
-    ).all()
-    by_id = {message_id: ticket_id for message_id, ticket_id in rows}
-    for message_id in candidates:
-        if message_id in by_id:
-            ticket = session.get(Ticket, by_id[message_id])
-            if ticket is not None:
-                return AttachTo(ticket, f"it answers {message_id}")
+    for message_id in thread_candidates(inbound):
+        ticket = known.ticket_holding(message_id)
+        if ticket is not None:
+            return AttachTo(ticket, f"it answers {message_id}")
     return Continue()
 
 
-def _see_pending_articles(session: Session, message_ids: set[str]) -> None:
-    _flush_if_pending(session, lambda item: isinstance(item, Article) and item.message_id in message_ids)
+def thread_candidates(inbound: Inbound) -> list[str]:
+    """The message ids a reply or a bounce points at, the most telling first."""
+    candidates = list(thread_message_ids(_mail(inbound)))
+    classification = inbound.classification
+    if classification is not None and classification.bounced_message_id:
+        candidates.insert(0, classification.bounced_message_id)
+    return candidates
 
 
-def _flush_if_pending(session: Session, matches: Callable[[object], bool]) -> None:
-    """Make the batch's own unwritten rows visible to a lookup that could find them.
-
-    The batch runs without autoflush (a flush per message cost more than the rest of the pipeline), so
-    an article or ticket created earlier in the same batch is only in the session; it is flushed
-    (and gets its id) before a query that might match it, which keeps the answers autoflush would give.
-    """
-    if any(matches(item) for item in session.new):
-        session.flush()
-
-
-def refuse_loops(_session: Session, inbound: Inbound) -> Outcome:
+def refuse_loops(_known: Known, inbound: Inbound) -> Outcome:
     """Mail from our own mailboxes (or a bounce about nothing we sent) must not open a ticket."""
     classification = inbound.classification
     if classification is None:
@@ -170,23 +155,74 @@ def refuse_loops(_session: Session, inbound: Inbound) -> Outcome:
     return NewTicket()
 
 
-STEPS: tuple[Step, ...] = (
-    check_size,
-    parse,
+READ_STEPS: tuple[ReadStep, ...] = (check_size, parse, classify_message)
+MATCH_STEPS: tuple[MatchStep, ...] = (
     skip_duplicates,
-    classify_message,
     follow_up_by_ticket_number,
     follow_up_by_references,
     refuse_loops,
 )
 
 
-def decide(session: Session, inbound: Inbound, steps: tuple[Step, ...] = STEPS) -> Outcome:
+def read(inbound: Inbound, steps: tuple[ReadStep, ...] = READ_STEPS) -> Outcome:
     for step in steps:
-        outcome = step(session, inbound)
+        outcome = step(inbound)
+        if not isinstance(outcome, Continue):
+            return outcome
+    return Continue()
+
+
+def match(known: Known, inbound: Inbound, steps: tuple[MatchStep, ...] = MATCH_STEPS) -> Outcome:
+    for step in steps:
+        outcome = step(known, inbound)
         if not isinstance(outcome, Continue):
             return outcome
     return NewTicket()
+
+
+@dataclass
+class Decision:
+    """What becomes of one message: the outcome, and the article it is written as if it becomes one."""
+
+    inbound: Inbound
+    outcome: Outcome
+    article: ArticleRef | None = None
+
+
+def decide_batch(session: Session, inbounds: Sequence[Inbound]) -> list[Decision]:
+    """Decide messages in order: read each, look up what all of them need at once, then match each."""
+    outcomes = [read(inbound) for inbound in inbounds]
+    message_ids: set[str] = set()
+    numbers: set[int] = set()
+    for inbound, outcome in zip(inbounds, outcomes, strict=True):
+        if isinstance(outcome, Continue):
+            ids, named = lookup_keys(inbound)
+            message_ids.update(ids)
+            numbers.update(named)
+    known = Known.load(session, message_ids, numbers)
+    return [_decide(known, inbound, outcome) for inbound, outcome in zip(inbounds, outcomes, strict=True)]
+
+
+def _decide(known: Known, inbound: Inbound, outcome: Outcome) -> Decision:
+    if not isinstance(outcome, Continue):
+        return Decision(inbound, outcome)
+    outcome = match(known, inbound)
+    if isinstance(outcome, NewTicket):
+        ticket = TicketRef(None, None, TicketState.NEW, new=True)
+    elif isinstance(outcome, AttachTo):
+        ticket = outcome.ticket
+    else:
+        return Decision(inbound, outcome)
+    # Remembered at once: the next message of the batch may be a reply to this one, or a copy of it.
+    return Decision(inbound, outcome, known.remember(inbound.channel.id, _mail(inbound).message_id, ticket))
+
+
+def lookup_keys(inbound: Inbound) -> tuple[list[str], tuple[int, ...]]:
+    """What ``match`` will ask ``Known`` about this message: message ids and ticket numbers."""
+    mail = _mail(inbound)
+    message_ids = [mail.message_id] if mail.message_id else []
+    numbers = ticket_numbers_in_subject(mail.subject, prefix=inbound.ticket_prefix)
+    return message_ids + thread_candidates(inbound), numbers
 
 
 def _mail(inbound: Inbound) -> ParsedMail:

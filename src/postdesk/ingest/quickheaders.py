@@ -1,7 +1,8 @@
-"""The few header fields the fetch loop records on an inbound row, read without a full parse.
+"""The few header fields an inbound row shows (Message-ID, subject, sender), read without a full parse.
 
-Only the header section is parsed (by the stdlib's HeaderParser), so a 25 MB message costs no more than
-a small one; the full parse happens later, in the pipeline.
+For mail the pipeline does not parse: over the size limit, unreadable, or broken by a bug. (Parsed mail
+gets them from its one full parse.) Only the header section is read (by the stdlib's HeaderParser), so a
+25 MB message costs no more than a small one.
 """
 
 from __future__ import annotations

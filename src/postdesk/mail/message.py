@@ -14,6 +14,7 @@ import codecs
 import email
 import email.errors
 import email.header
+import email.headerregistry
 import email.utils
 import functools
 import html as html_entities
@@ -172,9 +173,13 @@ class _TolerantPolicy(_EmailPolicy):
         value = _encoded_word_charsets(_repair_8bit_header(name, value, self.notes))
         if not self._may_use_structured_parser(name, value):
             return _compat32_header_text(value)
+        if _read_as_text(name, value):
+            # Subject, Message-ID, Date and References differ in every message: building the stdlib's
+            # token tree for them was a good part of the parse time, for text Postdesk already has.
+            return _LINE_BREAK.sub("", value)
         header, parsed = (
             _structured_header(name, value)
-            if len(value) <= _CACHED_HEADER_CHARS
+            if len(value) <= _CACHED_HEADER_CHARS and name.lower() in _RECURRING_HEADERS
             else _parse_structured_header(name, value)
         )
         if not parsed:
@@ -196,6 +201,24 @@ class _TolerantPolicy(_EmailPolicy):
         return True
 
 
+_HEADER_CLASSES: dict[str, type] = email_policy.default.header_factory.registry  # type: ignore[attr-defined]
+_LINE_BREAK = re.compile(r"[\r\n]")
+
+
+def _read_as_text(name: str, value: str) -> bool:
+    """Whether the header's text serves as well as policy.default's header object: for an unstructured
+    header with no encoded word in it (the parser would give the text back unchanged), for the Date
+    (``_date`` parses the text as the DateHeader does) and for a plain Message-ID (``find_message_ids``
+    finds the same ids in the text as in the parsed header)."""
+    lowered = name.lower()
+    if lowered == "date":
+        return True
+    if not value.isascii() or "=?" in value:
+        return False
+    header_class = _HEADER_CLASSES.get(lowered, email.headerregistry.UnstructuredHeader)
+    return lowered == "message-id" or issubclass(header_class, email.headerregistry.UnstructuredHeader)
+
+
 def _parse_structured_header(name: str, value: str) -> tuple[Any, bool]:
     """The ``policy.default`` header object, or the compat32 text and False if its parser failed."""
     try:
@@ -206,8 +229,17 @@ def _parse_structured_header(name: str, value: str) -> tuple[Any, bool]:
 
 # The same To, From, Content-Type and Content-Transfer-Encoding lines recur from message to message,
 # and the header parser is the larger part of a message's parse time. Its result depends only on the
-# name and value and header objects are immutable, so they are shared across messages.
+# name and value and header objects are immutable, so they are shared across messages. Only headers
+# that recur are kept: a cache full of Message-IDs and Dates would only keep objects alive for the
+# garbage collector to scan, over and over.
 _CACHED_HEADER_CHARS = 1024
+_RECURRING_HEADERS = frozenset(
+    {
+        "from", "sender", "reply-to", "to", "cc", "bcc", "resent-from", "resent-sender", "resent-to",
+        "resent-cc", "resent-bcc", "mime-version", "content-type", "content-disposition",
+        "content-transfer-encoding",
+    }
+)  # fmt: skip
 _structured_header = functools.lru_cache(maxsize=4096)(_parse_structured_header)
 
 _MAX_STRUCTURED_HEADER_CHARS = 16 * 1024
@@ -644,8 +676,11 @@ _MAX_FIELD_VALUES = 20
 
 
 def _header_fields(root: Message) -> dict[str, str]:
+    present = {name.lower() for name in root}  # iterating a Message gives its header names
     fields = {}
     for name in HEADER_FIELD_NAMES:
+        if name not in present:
+            continue
         values = _header_values(root, name)[:_MAX_FIELD_VALUES]
         if values:
             fields[name] = _fold_whitespace(", ".join(values))[:MAX_HEADER_CHARS]
@@ -653,16 +688,30 @@ def _header_fields(root: Message) -> dict[str, str]:
 
 
 def _addresses(message: Message, name: str) -> tuple[Address, ...]:
-    found: dict[str, Address] = {}
     try:
         header = message.get(name)  # RFC 5322 allows one; a second one is not worth its cost
     except Exception:  # _TolerantPolicy should prevent this; an address is never worth losing the mail
         return ()
-    for display_name, addr_spec in _address_pairs(header) if header is not None else []:
+    if header is None:
+        return ()
+    if len(header) <= _CACHED_HEADER_CHARS:
+        # The same From and To lines recur from message to message; the result depends on them alone.
+        return _cached_addresses(type(header), header)
+    return _addresses_in(header)
+
+
+def _addresses_in(header: object) -> tuple[Address, ...]:
+    found: dict[str, Address] = {}
+    for display_name, addr_spec in _address_pairs(header):
         address = _make_address(display_name, addr_spec)
         if address is not None:
             found.setdefault(address.email.lower(), address)
     return tuple(found.values())
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_addresses(_kind: type, header: str) -> tuple[Address, ...]:
+    return _addresses_in(header)
 
 
 def _address_pairs(header: object) -> list[tuple[str, str]]:

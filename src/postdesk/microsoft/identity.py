@@ -10,6 +10,7 @@ POSTDESK_CA_BUNDLE (MSAL's own ``verify=`` is overridden by that variable).
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import ssl
 import tempfile
@@ -46,12 +47,13 @@ def trust_store(settings: Settings) -> str | bool:
 @functools.lru_cache(maxsize=8)
 def _merged_trust_store(data_dir: Path, ca_bundle: Path, _version: int) -> str:
     system = ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
-    merged = data_dir / "trusted-cas.pem"
     parts = [
         Path(system).read_text(encoding="utf-8") if Path(system).is_file() else "",
         ca_bundle.read_text(encoding="utf-8"),
     ]
     content = "\n".join(parts)
+    # Named by content: two configurations sharing a data directory never overwrite each other's file.
+    merged = data_dir / f"trusted-cas-{hashlib.sha256(content.encode()).hexdigest()[:16]}.pem"
     if not merged.is_file() or merged.read_text(encoding="utf-8") != content:
         with tempfile.NamedTemporaryFile("w", dir=data_dir, delete=False, encoding="utf-8") as handle:
             handle.write(content)
@@ -83,6 +85,8 @@ class MicrosoftIdentity:
         self.endpoints: Endpoints = endpoints_for(settings, registration.cloud)
         self.authority = f"{self.endpoints.login_url}/{registration.tenant}"
         self._http = http_session(settings)
+        # Per client, on purpose: MSAL also keeps its throttling state here (a 5xx or 429 answered from
+        # memory for a while), and Postdesk's own backoff decides when to ask again.
         self._http_cache: dict[Any, Any] = {}
 
     @property

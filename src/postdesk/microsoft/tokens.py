@@ -4,17 +4,32 @@ MSAL answers from the cache while the access token has more than five minutes le
 redeems the refresh token. Whenever MSAL changed the cache (a new access token, a rotated refresh
 token) the caller's transaction stores it encrypted before the token is used, so a rotated refresh
 token is never lost.
+
+One mailbox's refresh token is redeemed by one thread at a time: a lock per channel in the process,
+held from reading the cache until the transaction that stores the new one ends, and on PostgreSQL a
+row lock (``SELECT … FOR UPDATE``) that makes other processes wait and then read the rotated token.
+
+Every failure is classified. One that needs a person sets the channel's status and ``last_error``
+right away; a passing one (network, Microsoft's 5xx or throttling) is counted, and only when it
+persists (``ESCALATE_AFTER``, ``ESCALATE_COUNT``) does the admin hear about it. That bookkeeping is
+committed on its own, whatever the caller then does with its transaction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import threading
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy.orm import Session
+import requests
+from msal.exceptions import MsalServiceError
+from sqlalchemy import event, func, select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, SessionTransaction
 
-from postdesk.db.models import Channel
+from postdesk.db.models import Channel, ChannelEvent, ChannelStatus
 from postdesk.db.types import utcnow
 from postdesk.microsoft.errors import Explanation, IdentityError, Remedy, explain, support_reference
 from postdesk.microsoft.identity import MicrosoftIdentity, load_cache
@@ -54,15 +69,99 @@ def _account_for(app: Any, channel: Channel) -> dict[str, Any] | None:
     return None
 
 
+UNREACHABLE = Explanation(
+    title="Microsoft's sign-in service could not be reached",
+    cause="The request for a new access token failed on the network or with a server error.",
+    fix="Nothing to do if it passes; Postdesk retries with increasing pauses. If it persists, check that "
+    "this server can reach the identity platform (DNS, firewall, proxy, POSTDESK_CA_BUNDLE).",
+    remedy=Remedy.RETRY,
+    transient=True,
+    channel_status="ok",
+)
+BUSY = Explanation(
+    title="Another refresh of this mailbox's sign-in is in progress",
+    cause="A different task of this process is redeeming the same refresh token.",
+    fix="Nothing to do; the next attempt uses the token it gets.",
+    remedy=Remedy.RETRY,
+    transient=True,
+    channel_status="ok",
+)
+# A passing failure becomes the admin's business when it lasts this long and happened this often.
+ESCALATE_AFTER = timedelta(hours=2)
+ESCALATE_COUNT = 5
+LOCK_WAIT_SECONDS = 60.0
+TOKEN_LOCK_NAMESPACE = 0x7064  # "pd": keeps Postdesk's advisory locks apart from other users of the database
+
+log = logging.getLogger(__name__)
+_locks_guard = threading.Lock()
+_locks: dict[int, threading.RLock] = {}
+
+
+def _channel_lock(channel_id: int) -> threading.RLock:
+    with _locks_guard:
+        return _locks.setdefault(channel_id, threading.RLock())
+
+
 def acquire_access_token(
-    session: Session, identity: MicrosoftIdentity, channel: Channel, *, force_refresh: bool = False
+    session: Session,
+    identity: MicrosoftIdentity,
+    channel: Channel,
+    *,
+    force_refresh: bool = False,
+    now: datetime | None = None,
+) -> AccessToken:
+    """An access token for ``channel``'s mailbox, redeeming its refresh token if needed (serialised per
+    channel). Raises ``TokenError``; its failure bookkeeping on the channel row is already committed."""
+    lock = _channel_lock(channel.id)
+    if not lock.acquire(timeout=LOCK_WAIT_SECONDS):
+        raise TokenError(BUSY, "refresh in progress")
+    held_until_transaction_ends = False
+    try:
+        _lock_row(session, channel)
+        before = channel.token_cache
+        try:
+            token = _redeem(session, identity, channel, force_refresh=force_refresh)
+        except TokenError as exc:
+            raise _note_failure(session, channel.id, exc, now or utcnow()) from exc
+        _note_success(channel, redeemed=channel.token_cache != before, now=now or utcnow())
+        if channel.token_cache != before:
+            # Keep other threads out until the rotated token is committed (or rolled back).
+            _release_when_transaction_ends(session, lock)
+            held_until_transaction_ends = True
+        return token
+    finally:
+        if not held_until_transaction_ends:
+            lock.release()
+
+
+def _lock_row(session: Session, channel: Channel) -> None:
+    """On PostgreSQL, wait for any other process redeeming this channel's token and read what it stored.
+
+    A transaction-scoped advisory lock rather than ``FOR UPDATE`` on the channel row: the failure
+    bookkeeping writes that row from a second transaction, which a row lock of our own would block.
+    (SQLite has no such locks; one process per SQLite database is the rule, and the thread lock holds.)
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(TOKEN_LOCK_NAMESPACE, channel.id)))
+    if channel in session and not session.is_modified(channel):
+        session.refresh(channel, attribute_names=["token_cache"])
+
+
+def _redeem(
+    session: Session, identity: MicrosoftIdentity, channel: Channel, *, force_refresh: bool
 ) -> AccessToken:
     cache = load_cache(channel.token_cache)
-    app = identity.client(cache)
-    account = _account_for(app, channel)
-    if account is None:
-        raise TokenError(NO_ACCOUNT, "no account in the token cache")
-    result = app.acquire_token_silent_with_error(identity.scopes, account, force_refresh=force_refresh)
+    try:
+        app = identity.client(cache)  # reads the tenant's OpenID configuration: network
+        account = _account_for(app, channel)
+        if account is None:
+            raise TokenError(NO_ACCOUNT, "no account in the token cache")
+        result = app.acquire_token_silent_with_error(identity.scopes, account, force_refresh=force_refresh)
+    except (requests.RequestException, ValueError, MsalServiceError) as exc:
+        # A refused connection, a timeout, an answer that is not JSON (a proxy's error page), or a
+        # 5xx/429 that MSAL raises for (it has already honoured any Retry-After).
+        reference = str(exc) if isinstance(exc, MsalServiceError) else exc.__class__.__name__
+        raise TokenError(UNREACHABLE, reference) from exc
     if cache.has_state_changed:
         channel.token_cache = cache.serialize()
         session.flush()
@@ -73,3 +172,87 @@ def acquire_access_token(
         raise TokenError(explain(err), support_reference(err))
     expires_in = int(result.get("expires_in") or 0)
     return AccessToken(value=str(result["access_token"]), expires_at=utcnow() + timedelta(seconds=expires_in))
+
+
+def _note_success(channel: Channel, *, redeemed: bool, now: datetime) -> None:
+    if channel.token_failures or channel.token_failing_since is not None:
+        channel.token_failures = 0
+        channel.token_failing_since = None
+    if redeemed:
+        # Any redemption keeps the 90-day inactivity window open, not just the heartbeat's.
+        channel.token_refreshed_at = now
+        channel.token_refresh_count = (channel.token_refresh_count or 0) + 1
+
+
+def _note_failure(session: Session, channel_id: int, exc: TokenError, now: datetime) -> TokenError:
+    """Record the failure in its own transaction; return the error to raise (escalated if it persists)."""
+    try:
+        return _record_failure(session, channel_id, exc, now)
+    except OperationalError as db_error:  # the caller's transaction holds a write lock on the row
+        log.warning("token failure of mailbox %s not recorded: %s", channel_id, db_error.orig)
+        return exc
+
+
+def _record_failure(session: Session, channel_id: int, exc: TokenError, now: datetime) -> TokenError:
+    with Session(bind=session.get_bind()) as own, own.begin():
+        if own.get_bind().dialect.name == "postgresql":
+            own.execute(text("SET LOCAL lock_timeout = '5s'"))
+        channel = own.get(Channel, channel_id)
+        if channel is None:
+            return exc
+        if exc.explanation.transient:
+            channel.token_failures = (channel.token_failures or 0) + 1
+            channel.token_failing_since = channel.token_failing_since or now
+            lasted = now - channel.token_failing_since
+            if lasted < ESCALATE_AFTER or channel.token_failures < ESCALATE_COUNT:
+                log.info(
+                    "token for mailbox %s: passing failure %d (%s)",
+                    channel_id,
+                    channel.token_failures,
+                    exc.reference,
+                )
+                return exc
+            exc = _escalated(exc, lasted, channel.token_failures)
+            status = ChannelStatus.ERROR
+        else:
+            status = ChannelStatus(exc.explanation.channel_status)
+        message = f"{exc.explanation.title}: {exc.explanation.fix} ({exc.reference})"
+        if channel.last_error != message:
+            own.add(ChannelEvent(channel_id=channel_id, kind="error", message=message))
+        channel.last_error = message
+        channel.last_error_at = now
+        if channel.status is not ChannelStatus.DISABLED:
+            channel.status = status
+    log.warning("token for mailbox %s refused: %s", channel_id, exc.reference)
+    return exc
+
+
+def _escalated(exc: TokenError, lasted: timedelta, failures: int) -> TokenError:
+    hours = lasted.total_seconds() / 3600
+    explanation = replace(
+        exc.explanation,
+        title=f"No access token for {hours:.1f} hours ({failures} attempts): {exc.explanation.title}",
+        fix="Check that this server reaches Microsoft's identity platform (DNS, firewall, proxy, "
+        "POSTDESK_CA_BUNDLE) and whether Microsoft reports an outage (https://status.cloud.microsoft). "
+        "Postdesk keeps retrying and clears this message by itself once a token is issued",
+        channel_status="error",
+    )
+    return TokenError(explanation, exc.reference)
+
+
+def _release_when_transaction_ends(session: Session, lock: threading.RLock) -> None:
+    held: list[threading.RLock] | None = session.info.get(_HELD_LOCKS)
+    if held is None:
+        held = session.info[_HELD_LOCKS] = []
+
+        def release(_session: Session, transaction: SessionTransaction) -> None:
+            if transaction.parent is not None:
+                return  # a savepoint or nested transaction; the outer one still holds the new token
+            while held:
+                held.pop().release()
+
+        event.listen(session, "after_transaction_end", release)
+    held.append(lock)
+
+
+_HELD_LOCKS = "postdesk.token_locks"

@@ -312,9 +312,17 @@ class DovecotServer:
         """Log in to `mailbox` with SASL XOAUTH2; see the module function `imap_login`."""
         return imap_login(self.host, self.port, self.ca_path, token, mailbox, source_address=source_address)
 
-    def deliver(self, mailbox: str, raw: bytes, *, flags: str = "", received: datetime | None = None) -> None:
-        """Put one message into the mailbox's INBOX; `flags` are maildir letters ("S" is \\Seen)."""
-        self.deliver_many(mailbox, [raw], flags=flags, received=received)
+    def deliver(
+        self,
+        mailbox: str,
+        raw: bytes,
+        *,
+        flags: str = "",
+        folder: str = "INBOX",
+        received: datetime | None = None,
+    ) -> None:
+        """Put one message into a folder (INBOX unless told); `flags` are maildir letters ("S" is \\Seen)."""
+        self.deliver_many(mailbox, [raw], flags=flags, folder=folder, received=received)
 
     def deliver_many(
         self,
@@ -351,6 +359,14 @@ class DovecotServer:
         """How many messages the folder holds on disk (new and cur, expunged ones excluded)."""
         target = self._folder_path(mailbox, folder)
         return sum(1 for sub in ("new", "cur") if (target / sub).is_dir() for _ in (target / sub).iterdir())
+
+    def messages(self, mailbox: str, folder: str = "INBOX") -> list[bytes]:
+        """The raw messages the folder holds on disk, oldest arrival first (empty if it does not exist)."""
+        target = self._folder_path(mailbox, folder)
+        subfolders = [target / sub for sub in ("new", "cur") if (target / sub).is_dir()]
+        files = [path for subfolder in subfolders for path in subfolder.iterdir()]
+        files.sort(key=lambda path: (path.stat().st_mtime_ns, path.name))
+        return [path.read_bytes() for path in files]
 
     def create_folder(self, mailbox: str, name: str) -> None:
         """Create a folder (and its parents); hierarchy uses "/" as in Exchange Online."""

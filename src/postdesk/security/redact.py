@@ -13,6 +13,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # JWTs (access and id tokens): three base64url segments starting with a JSON header.
     (re.compile(r"eyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]*"), "[jwt]"),
     (re.compile(r"(?i)\b(bearer)\s+[\w\-.~+/=]+"), r"\1 [redacted]"),
+    # Postdesk's own API tokens (see security/api_tokens.py), wherever they appear.
+    (re.compile(r"\bpd_[\w-]{20,}"), "pd_[redacted]"),
     (
         re.compile(
             r"(?i)\b(refresh_token|access_token|id_token|client_secret|client_assertion|code|"

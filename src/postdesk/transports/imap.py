@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
-import socket
 import ssl
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from postdesk.transports.errors import TransportError
+from postdesk.transports.errors import TransportError, connection_failure
 
 CONNECT_TIMEOUT = 30.0
 FETCH_BATCH = 50
@@ -45,16 +44,7 @@ def _host_port(endpoint: str) -> tuple[str, int]:
 
 
 def _failure(action: str, exc: Exception) -> TransportError:
-    text = str(exc).strip() or exc.__class__.__name__
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return TransportError(
-            f"the IMAP server's TLS certificate is not trusted ({exc.verify_message}); "
-            "check POSTDESK_MICROSOFT_IMAP and POSTDESK_CA_BUNDLE",
-            permanent=True,
-        )
-    if isinstance(exc, socket.gaierror):
-        return TransportError(f"cannot resolve the IMAP host ({text}); check POSTDESK_MICROSOFT_IMAP and DNS")
-    return TransportError(f"{action} failed: {text}")
+    return connection_failure("IMAP", action, exc)
 
 
 class ImapMailbox:
@@ -103,6 +93,22 @@ class ImapMailbox:
     def folders(self) -> list[str]:
         listed = self._call("listing folders", self.client.list_folders)
         return sorted(str(name) for flags, _delimiter, name in listed if b"\\Noselect" not in flags)
+
+    def sent_folder(self) -> str:
+        """The folder the server files sent mail in: the one flagged \\Sent (RFC 6154), else the name
+        Exchange Online uses."""
+        found = self._call("finding the sent folder", self.client.find_special_folder, b"\\Sent")
+        return str(found) if found else "Sent Items"
+
+    def holds_message_id(self, folder: str, message_id: str) -> bool:
+        """Whether ``folder`` holds a message with this Message-ID (read-only; flags are not touched)."""
+        try:
+            self.client.select_folder(folder, readonly=True)
+        except IMAPClientError as exc:
+            raise TransportError(f"cannot open the folder {folder!r}: {_text(exc)}") from exc
+        except OSError as exc:
+            raise _failure(f"opening {folder!r}", exc) from exc
+        return bool(self._call("searching", self.client.search, ["HEADER", "Message-ID", message_id]))
 
     def open(self, folder: str) -> FolderState:
         try:

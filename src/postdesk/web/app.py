@@ -16,8 +16,21 @@ from postdesk import __version__
 from postdesk.runtime import Runtime
 from postdesk.security.crypto import SecretError
 from postdesk.security.csrf import CSRF_COOKIE, new_seed
+from postdesk.web import api
 from postdesk.web.deps import LoginRequired, csrf_protect
-from postdesk.web.routes import auth, health, mailboxes, metrics, microsoft365, pages, tickets
+from postdesk.web.routes import (
+    api_tokens,
+    auth,
+    doctor,
+    health,
+    mail_frame,
+    mailboxes,
+    metrics,
+    microsoft365,
+    pages,
+    ticket_view,
+    tickets,
+)
 from postdesk.web.templating import render
 
 log = logging.getLogger(__name__)
@@ -34,6 +47,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(
         title="Postdesk",
         version=__version__,
+        description="REST API of the Postdesk help desk. Authenticate with a personal API token: "
+        "`Authorization: Bearer pd_…`. Examples: docs/api.md.",
         openapi_url="/api/openapi.json",
         docs_url="/api/docs",
         redoc_url=None,
@@ -41,8 +56,21 @@ def create_app(runtime: Runtime) -> FastAPI:
     )
     app.state.runtime = runtime
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module in (health, metrics, auth, tickets, pages, microsoft365, mailboxes):
+    for module in (
+        health,
+        metrics,
+        auth,
+        tickets,
+        ticket_view,
+        mail_frame,
+        pages,
+        microsoft365,
+        mailboxes,
+        api_tokens,
+        doctor,
+    ):
         app.include_router(module.router)
+    app.include_router(api.router)  # the only routes in the OpenAPI schema
     _install_middleware(app, runtime)
     _install_error_pages(app)
     return app

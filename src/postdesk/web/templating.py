@@ -11,6 +11,7 @@ from markupsafe import Markup
 from starlette.responses import HTMLResponse
 
 from postdesk import __version__
+from postdesk.alerts.banner import attention_items
 from postdesk.mail import sanitise_html
 from postdesk.runtime import Runtime
 from postdesk.security.csrf import CSRF_FIELD, token_for
@@ -31,6 +32,12 @@ def csrf_token(request: Request) -> str:
 def render(
     request: Request, name: str, context: dict[str, Any] | None = None, *, status_code: int = 200
 ) -> HTMLResponse:
-    values = {"csrf_token": csrf_token(request), "user": None, "section": None}
+    values: dict[str, Any] = {"csrf_token": csrf_token(request), "user": None, "section": None}
     values.update(context or {})
+    user = values["user"]
+    if getattr(user, "is_admin", False) and not Path(name).name.startswith("_"):
+        # Every full page shows admins what needs attention (fragments loaded by htmx do not).
+        runtime: Runtime = request.app.state.runtime
+        with runtime.sessions() as session:
+            values["attention"] = attention_items(session)
     return templates.TemplateResponse(request, name, values, status_code=status_code)

@@ -49,12 +49,15 @@ def _refresh(runtime: Runtime, channel_id: int, now: datetime) -> bool:
         channel = session.get(Channel, channel_id)
         if channel is None or channel.microsoft_app is None:
             return False
+        if channel.token_refreshed_at is not None and channel.token_refreshed_at > now - REFRESH_EVERY:
+            return False  # another worker (or a fetch) redeemed it since the list was made
         try:
             acquire_access_token(
                 session,
                 MicrosoftIdentity(runtime.settings, channel.microsoft_app),
                 channel,
                 force_refresh=True,
+                now=now,
             )
         except TokenError as exc:
             _refused(session, channel, exc)
@@ -69,14 +72,9 @@ def _refresh(runtime: Runtime, channel_id: int, now: datetime) -> bool:
 
 
 def _refused(session: Session, channel: Channel, exc: TokenError) -> None:
-    explanation = exc.explanation
-    if explanation.transient:
-        log.info("token refresh for mailbox %s will be retried: %s", channel.id, explanation.title)
-        return
-    message = f"{explanation.title}: {explanation.fix} ({exc.reference})"
-    log.warning("token refresh for mailbox %s refused: %s", channel.id, message)
-    channel.last_error = message
-    channel.last_error_at = utcnow()
-    if channel.status is not ChannelStatus.DISABLED:
-        channel.status = ChannelStatus(explanation.channel_status)
-    session.add(ChannelEvent(channel_id=channel.id, kind="error", message=message))
+    # acquire_access_token has already put a refusal that needs a person on the channel row (status,
+    # last_error, event) and counted a passing one; the heartbeat only says so in its log.
+    if exc.explanation.transient:
+        log.info("token refresh for mailbox %s will be retried: %s", channel.id, exc.explanation.title)
+    else:
+        log.warning("token refresh for mailbox %s refused: %s", channel.id, exc.reference)

@@ -7,10 +7,13 @@ from datetime import timedelta
 
 from sqlalchemy import delete
 
+from postdesk.alerts.service import run_alerts
 from postdesk.db.models import OAuthFlow
 from postdesk.db.session import transaction
 from postdesk.db.types import utcnow
+from postdesk.outbox.sender import start_sending
 from postdesk.runtime import Runtime
+from postdesk.tickets.service import remind_due_tickets
 from postdesk.web.sessions import purge_expired_sessions
 from postdesk.worker.heartbeat import refresh_stale_tokens
 from postdesk.worker.mail import MailScheduler
@@ -34,10 +37,32 @@ def purge_stale_sign_ins(runtime: Runtime) -> None:
         log.info("purged %d expired sessions and %d abandoned sign-ins", sessions, flow_count)
 
 
+def optimise_sqlite(runtime: Runtime) -> None:
+    """Keep SQLite's query planner statistics current (PostgreSQL's autovacuum does this by itself);
+    without them a 100,000-ticket list can pick a full scan over an index."""
+    if runtime.engine.dialect.name != "sqlite":
+        return
+    with runtime.engine.connect() as connection:
+        connection.exec_driver_sql("PRAGMA optimize")
+
+
+def remind_pending_tickets(runtime: Runtime) -> None:
+    """Open the tickets whose "pending reminder" time has come."""
+    with transaction(runtime.sessions) as session:
+        reminded = remind_due_tickets(session)
+    if reminded:
+        log.info("%d pending tickets reached their reminder", len(reminded))
+
+
 def default_jobs() -> list[Job]:
     mail = MailScheduler()
     return [
         Job("fetch-mail", interval_seconds=5, run=mail, on_stop=mail.shutdown),
+        # In its own thread: a slow SMTP server must not hold up fetching.
+        Job("send-mail", interval_seconds=5, run=start_sending),
         Job("token-heartbeat", interval_seconds=3600, run=refresh_stale_tokens),
+        Job("alerts", interval_seconds=60, run=run_alerts),
         Job("purge-stale-sign-ins", interval_seconds=600, run=purge_stale_sign_ins),
+        Job("pending-reminders", interval_seconds=60, run=remind_pending_tickets),
+        Job("optimise-database", interval_seconds=6 * 3600, run=optimise_sqlite),
     ]

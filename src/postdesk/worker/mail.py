@@ -3,11 +3,18 @@
 Fetches run on a small thread pool, so one slow or broken mailbox never delays the others; a mailbox
 whose fetch is still running is not started twice, but new mail announced meanwhile is fetched right
 after it.
+
+Only the mailboxes this worker holds a lease on (``worker/leases.py``) are fetched and IDLE-watched, so
+several workers share them. A mailbox taken over from another worker is fetched at once (IDLE only
+announces mail that arrives after it starts); one given up or lost has its IDLE watcher stopped and no
+new fetch started. A fetch already running when a lease is lost finishes its pass: the unique key on
+inbound mail makes that harmless.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -20,6 +27,7 @@ from postdesk.db.types import utcnow
 from postdesk.ingest.fetch import FetchResult, MailboxFactory, default_mailbox, fetch_channel
 from postdesk.runtime import Runtime
 from postdesk.worker.idle import IdleWatcher
+from postdesk.worker.leases import ChannelLeases, process_worker_id
 
 log = logging.getLogger(__name__)
 PARALLEL_FETCHES = 4
@@ -33,7 +41,11 @@ class MailScheduler:
         parallel: int = PARALLEL_FETCHES,
         use_idle: bool = True,
         mailbox_factory: MailboxFactory = default_mailbox,
+        worker_id: str | None = None,
     ) -> None:
+        self.worker_id = worker_id or process_worker_id()
+        self._leases: ChannelLeases | None = None
+        self._stopping = False
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="postdesk-fetch")
         self._running: dict[int, Future[FetchResult]] = {}
         self._again: set[int] = set()
@@ -49,10 +61,13 @@ class MailScheduler:
     def __call__(self, runtime: Runtime) -> None:
         """The scheduler job: start due fetches and keep one IDLE watcher per healthy mailbox."""
         self._runtime = runtime
+        held = (self._leases or self._start_leases(runtime)).held()
         now = utcnow()
         with runtime.sessions() as session:
             rows = session.execute(
-                select(Channel.id, Channel.status, Channel.last_fetch_at, Channel.fetch_interval_seconds)
+                select(
+                    Channel.id, Channel.status, Channel.last_fetch_at, Channel.fetch_interval_seconds
+                ).where(Channel.id.in_(held))
             ).all()
         healthy = {cid for cid, status, _last, _every in rows if status is ChannelStatus.OK}
         for channel_id, status, last, every in rows:
@@ -63,20 +78,64 @@ class MailScheduler:
         if self._use_idle:
             self._keep_watchers(runtime, healthy)
 
+    def _start_leases(self, runtime: Runtime) -> ChannelLeases:
+        leases = ChannelLeases(
+            runtime,
+            self.worker_id,
+            ttl=timedelta(seconds=runtime.settings.worker_lease_seconds),
+            busy=self._busy,
+            on_change=self._leases_changed,
+        )
+        leases.renew()  # before the thread, so that this first call already fetches what it holds
+        self._leases = leases
+        leases.start()
+        return leases
+
+    def holds(self, channel_id: int) -> bool:
+        return self._leases is not None and self._leases.holds(channel_id)
+
     def request_fetch(self, channel_id: int) -> None:
         runtime = self._runtime
-        if runtime is None:
+        if runtime is None or self._stopping or not self.holds(channel_id):
             return
         with self._guard:
             running = self._running.get(channel_id)
             if running is not None and not running.done():
                 self._again.add(channel_id)
                 return
-            future = self._pool.submit(
-                fetch_channel, runtime, channel_id, mailbox_factory=self._mailbox_factory
-            )
+            future = self._pool.submit(self._fetch_held, runtime, channel_id)
             self._running[channel_id] = future
         future.add_done_callback(partial(self._finished, channel_id))
+
+    def _fetch_held(self, runtime: Runtime, channel_id: int) -> FetchResult:
+        leases = self._leases
+        assert leases is not None
+        # A renewal in progress may be giving this mailbox to another worker: let it decide first.
+        # (Renewals never give away a mailbox whose fetch was submitted before they looked.)
+        with leases.lock:
+            held = leases.holds(channel_id)
+        if not held:
+            return FetchResult(channel_id=channel_id, skipped="this worker no longer holds the mailbox")
+        return fetch_channel(
+            runtime, channel_id, mailbox_factory=self._mailbox_factory, worker_id=self.worker_id
+        )
+
+    def _busy(self) -> set[int]:
+        with self._guard:
+            return {channel_id for channel_id, future in self._running.items() if not future.done()}
+
+    def _leases_changed(self, gained: frozenset[int], lost: frozenset[int]) -> None:
+        with self._guard:
+            for channel_id in lost:
+                watcher = self._watchers.pop(channel_id, None)
+                if watcher is not None:
+                    watcher.stop()
+                self._again.discard(channel_id)
+        if self._leases is None:
+            return  # the first round: __call__ starts what is due right after it
+        for channel_id in gained:
+            # Taken over: mail may have arrived while nobody watched, and IDLE only tells of what's next.
+            self.request_fetch(channel_id)
 
     def _finished(self, channel_id: int, future: Future[FetchResult]) -> None:
         if future.cancelled():
@@ -102,10 +161,15 @@ class MailScheduler:
                 return
             count = self._failures.get(channel_id, 0) + 1
             self._failures[channel_id] = count
-            delay = min(timedelta(seconds=30 * 2**count), MAX_RETRY_DELAY)
+            # Jitter, so mailboxes that failed together (a Microsoft outage) do not retry in lockstep.
+            delay = min(timedelta(seconds=30 * 2**count), MAX_RETRY_DELAY) * random.uniform(0.8, 1.2)  # noqa: S311
             self._retry_at[channel_id] = utcnow() + delay
 
     def _keep_watchers(self, runtime: Runtime, healthy: set[int]) -> None:
+        with self._guard:
+            self._keep_watchers_locked(runtime, healthy)
+
+    def _keep_watchers_locked(self, runtime: Runtime, healthy: set[int]) -> None:
         for channel_id in list(self._watchers):
             watcher = self._watchers[channel_id]
             if channel_id not in healthy or not watcher.alive:
@@ -124,8 +188,17 @@ class MailScheduler:
         return self._watchers.get(channel_id)
 
     def shutdown(self) -> None:
-        for watcher in self._watchers.values():
+        """Stop watching, let running fetches finish (their leases are still renewed meanwhile), then
+        give every mailbox back so that the other workers take them over at once."""
+        self._stopping = True
+        if self._leases is not None:
+            self._leases.drain()
+        with self._guard:
+            watchers = list(self._watchers.values())
+        for watcher in watchers:
             watcher.stop()
-        for watcher in self._watchers.values():
+        for watcher in watchers:
             watcher.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._leases is not None:
+            self._leases.stop_and_release()

@@ -20,6 +20,7 @@ from postdesk.web.templating import render
 
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
+WATCHDOG_MAX_HOURS = 720  # 30 days
 
 
 @router.post("/channels/{channel_id}/settings")
@@ -34,8 +35,16 @@ def save_settings(
     fetch_interval_seconds: Annotated[int, Form(ge=10, le=3600)] = 30,
     backlog_policy: Annotated[BacklogPolicy, Form()] = BacklogPolicy.UNREAD,
     backlog_since: Annotated[str, Form()] = "",
+    sender_name: Annotated[str | None, Form(max_length=200)] = None,
+    watchdog_hours: Annotated[str | None, Form()] = None,
+    # FastAPI reads an empty field as absent; this marker says the form had the field, so empty means off.
+    watchdog_in_form: Annotated[bool, Form()] = False,
 ) -> Response:
     channel = channel_or_404(db, channel_id)
+    if sender_name is not None:
+        channel.sender_name = " ".join(sender_name.split())
+    if watchdog_in_form or watchdog_hours is not None:  # older forms lack it: leave it as it is
+        channel.watchdog_hours = _watchdog_hours(watchdog_hours or "")
     if folder.strip() and folder.strip() != channel.folder:
         # Another folder is another UID space: start from where it stands now.
         channel.folder = folder.strip()
@@ -67,6 +76,16 @@ def save_settings(
     )
     db.commit()
     return RedirectResponse(f"/channels/{channel_id}?notice=saved", status_code=303)
+
+
+def _watchdog_hours(value: str) -> int | None:
+    if not value.strip():
+        return None
+    if not value.strip().isdigit() or not 1 <= int(value) <= WATCHDOG_MAX_HOURS:
+        raise HTTPException(
+            status_code=422, detail=f"Enter whole hours from 1 to {WATCHDOG_MAX_HOURS}, or leave it empty."
+        )
+    return int(value)
 
 
 def _date(value: str) -> datetime | None:

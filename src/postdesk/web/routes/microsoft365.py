@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from postdesk.db.models import Channel, ChannelEvent, ChannelStatus, Group, MicrosoftApp, User
 from postdesk.db.types import utcnow
+from postdesk.microsoft.audit import describe_app_change, record_credential_change
 from postdesk.microsoft.certificates import certificate_der, generate_certificate
 from postdesk.microsoft.clouds import CLOUDS
 from postdesk.microsoft.connect import (
@@ -156,6 +157,9 @@ def save_app(
         registration.client_secret_expires_at = expires_at
     registration.updated_at = utcnow()
     db.add(registration)
+    record_credential_change(
+        db, registration, describe_app_change(registration, new_secret=bool(client_secret)), actor=admin
+    )
     db.commit()
     warnings = [p for p in problems if p.severity == "warning"]
     if warnings:
@@ -186,6 +190,12 @@ def create_certificate(db: SessionDep, runtime: RuntimeDep, admin: CurrentAdmin)
     registration.certificate_expires_at = generated.expires_at
     registration.use_certificate = False
     registration.updated_at = utcnow()
+    record_credential_change(
+        db,
+        registration,
+        f"New certificate generated (thumbprint {generated.thumbprint}); not used until it is chosen.",
+        actor=admin,
+    )
     db.commit()
     return RedirectResponse("/channels?notice=certificate", status_code=303)
 
@@ -201,6 +211,9 @@ def choose_credential(db: SessionDep, admin: CurrentAdmin, credential: Annotated
         raise HTTPException(status_code=409, detail="Enter a client secret first.")
     registration.use_certificate = credential == "certificate"
     registration.updated_at = utcnow()
+    record_credential_change(
+        db, registration, f"Signing in with the {registration.credential_kind} from now on.", actor=admin
+    )
     db.commit()
     return RedirectResponse(f"/channels?notice=credential-{registration.credential_kind}", status_code=303)
 

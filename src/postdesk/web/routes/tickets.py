@@ -4,21 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import select
 
-from postdesk.db.models import Attachment, Channel, Direction, Group, TicketState, User
+from postdesk.db.models import Attachment, Channel, Group, TicketState, User
 from postdesk.storage import read_bytes
-from postdesk.tickets.service import (
-    NewArticle,
-    SortKey,
-    TicketFilter,
-    add_article,
-    change_state,
-    get_ticket,
-    list_tickets,
-)
+from postdesk.tickets.service import SortKey, TicketFilter, get_ticket, list_tickets
 from postdesk.web.deps import CurrentUser, RuntimeDep, SessionDep
 from postdesk.web.downloads import content_disposition
 from postdesk.web.templating import render
@@ -81,18 +73,6 @@ def _id(value: str) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-@router.get("/tickets/{number}")
-def ticket_view(request: Request, number: int, db: SessionDep, user: CurrentUser) -> Response:
-    ticket = get_ticket(db, number, viewer=user)
-    if ticket is None:
-        raise HTTPException(status_code=404, detail=f"There is no ticket #{number}, or you cannot see it.")
-    return render(
-        request,
-        "tickets/view.html",
-        {"section": "tickets", "user": user, "ticket": ticket, "state_labels": STATE_LABELS},
-    )
-
-
 @router.get("/attachments/{attachment_id}")
 def download_attachment(
     attachment_id: int, db: SessionDep, runtime: RuntimeDep, user: CurrentUser
@@ -109,37 +89,3 @@ def download_attachment(
             "X-Content-Type-Options": "nosniff",
         },
     )
-
-
-@router.post("/tickets/{number}/state")
-def ticket_change_state(
-    number: int, db: SessionDep, user: CurrentUser, state: Annotated[TicketState, Form()]
-) -> Response:
-    ticket = get_ticket(db, number, viewer=user)
-    if ticket is None:
-        raise HTTPException(status_code=404, detail=f"There is no ticket #{number}, or you cannot see it.")
-    change_state(ticket, state)
-    db.commit()
-    return RedirectResponse(f"/tickets/{number}", status_code=303)
-
-
-@router.post("/tickets/{number}/notes")
-def ticket_add_note(number: int, db: SessionDep, user: CurrentUser, body: Annotated[str, Form()]) -> Response:
-    ticket = get_ticket(db, number, viewer=user)
-    if ticket is None:
-        raise HTTPException(status_code=404, detail=f"There is no ticket #{number}, or you cannot see it.")
-    if not body.strip():
-        raise HTTPException(status_code=422, detail="The note is empty.")
-    add_article(
-        db,
-        ticket,
-        NewArticle(
-            direction=Direction.OUTBOUND,
-            internal=True,
-            body_text=body.strip(),
-            sender=user.display_name,
-            author=user,
-        ),
-    )
-    db.commit()
-    return RedirectResponse(f"/tickets/{number}#article-{ticket.articles[-1].id}", status_code=303)

@@ -1,0 +1,1 @@
+"""Mail never stops silently: what needs an admin's attention, the Alert rows, and telling admins."""

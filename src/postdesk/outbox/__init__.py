@@ -1,0 +1,1 @@
+"""Outbound mail: replies are queued with their article, then sent (and retried) by the sender."""
