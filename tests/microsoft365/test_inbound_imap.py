@@ -8,7 +8,15 @@ from datetime import UTC, datetime, timedelta
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from postdesk.db.models import Article, Channel, InboundMessage, InboundStatus, Ticket, TicketState
+from postdesk.db.models import (
+    Article,
+    Channel,
+    ChannelEvent,
+    InboundMessage,
+    InboundStatus,
+    Ticket,
+    TicketState,
+)
 from postdesk.db.session import transaction
 from postdesk.ingest.fetch import fetch_channel
 from postdesk.ingest.quarantine import reprocess
@@ -164,6 +172,8 @@ def test_an_oversized_message_is_kept_in_quarantine_and_can_be_reprocessed(
         assert row is not None and row.status is InboundStatus.QUARANTINED
         assert "over this mailbox's limit of 0.0 MB" in (row.reason or "")
         row_id = row.id
+        [event] = session.scalars(select(ChannelEvent).where(ChannelEvent.kind == "quarantined")).all()
+        assert "1 quarantined" in event.message and "Quarantine" in event.message
     assert tickets(m365_runtime) == []
     with transaction(m365_runtime.sessions) as session:
         session.get(Channel, channel_id).max_message_bytes = 25 * 1024 * 1024  # type: ignore[union-attr]

@@ -506,6 +506,15 @@ def _record_success(runtime: Runtime, result: FetchResult) -> None:
             return
         channel.last_fetch_at = utcnow()
         channel.last_fetch_summary = result.summary[:200]
+        if result.processed.quarantined:
+            # Every pass's counts are in last_fetch_summary; the log keeps the ones an admin must act on.
+            session.add(
+                ChannelEvent(
+                    channel_id=channel.id,
+                    kind="quarantined",
+                    message=f"{result.summary[:180]}. Review them under Quarantine.",
+                )
+            )
         if channel.last_error:
             session.add(
                 ChannelEvent(channel_id=channel.id, kind="recovered", message="Fetching works again.")
