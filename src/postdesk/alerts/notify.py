@@ -29,7 +29,7 @@ from postdesk.config import Settings
 from postdesk.db.models import Alert, Channel, ChannelStatus, Role, User
 from postdesk.db.types import utcnow
 from postdesk.mail.compose import OutgoingMail, compose, new_message_id
-from postdesk.microsoft.identity import MicrosoftIdentity, trust_store
+from postdesk.microsoft.identity import MicrosoftIdentity, tls_context
 from postdesk.microsoft.tokens import TokenError, acquire_access_token
 from postdesk.outbox.sender import default_submission
 from postdesk.runtime import Runtime
@@ -337,11 +337,6 @@ def _send_batch(
 # -- through the fallback relay -------------------------------------------------------------------
 
 
-def _tls_context(settings: Settings) -> ssl.SSLContext:
-    store = trust_store(settings)
-    return ssl.create_default_context(cafile=store if isinstance(store, str) else None)
-
-
 def _send_through_relay(settings: Settings, batch: list[Notice], to: list[str]) -> dict[int, str | None]:
     assert settings.alert_smtp is not None and settings.alert_from is not None  # config.py insists
     host, _, port = settings.alert_smtp.rpartition(":")
@@ -378,7 +373,7 @@ def _relay_session(relay: smtplib.SMTP, settings: Settings) -> None:
     relay.ehlo()
     if not relay.has_extn("starttls"):
         raise _CannotSend("it does not offer STARTTLS, and Postdesk never sends to a relay unencrypted")
-    code, reply = relay.starttls(context=_tls_context(settings))
+    code, reply = relay.starttls(context=tls_context(settings))
     if code != 220:
         raise _CannotSend(f"STARTTLS refused: {code} {reply.decode(errors='replace')}")
     relay.ehlo()  # RFC 3207: forget what was said before TLS
@@ -415,7 +410,7 @@ def post_webhooks(settings: Settings, notices: Sequence[Notice]) -> dict[int, st
     url = settings.alert_webhook_url.get_secret_value()
     results: dict[int, str | None] = {}
     # trust_env off: proxies and CA variables of the environment do not apply, as for every other call.
-    with httpx.Client(verify=_tls_context(settings), trust_env=False, timeout=WEBHOOK_TIMEOUT) as client:
+    with httpx.Client(verify=tls_context(settings), trust_env=False, timeout=WEBHOOK_TIMEOUT) as client:
         for notice in notices:
             try:
                 response = client.post(url, json=webhook_payload(notice, base_url=settings.base_url))

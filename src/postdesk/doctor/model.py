@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from postdesk.db.models import Transport
 from postdesk.microsoft.clouds import Cloud, Endpoints, endpoints_for
-from postdesk.microsoft.identity import MicrosoftIdentity, trust_store
+from postdesk.microsoft.identity import MicrosoftIdentity, tls_context
 from postdesk.runtime import Runtime
 from postdesk.transports.imap import ImapMailbox
 from postdesk.transports.smtp import SmtpSubmission
@@ -130,8 +130,7 @@ class Probe:
         return self.login_name.lower() != self.email.lower()
 
     def ssl_context(self) -> ssl.SSLContext:
-        store = trust_store(self.runtime.settings)
-        return ssl.create_default_context(cafile=store if isinstance(store, str) else None)
+        return tls_context(self.runtime.settings)
 
     def close(self) -> None:
         imap, smtp, self.imap, self.smtp = self.imap, self.smtp, None, None

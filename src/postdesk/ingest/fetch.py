@@ -11,10 +11,7 @@ A crash before 2 refetches the batch; after 2 the rows exist and step 3 is finis
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,7 +32,7 @@ from postdesk.db.session import insert_ignoring_duplicates
 from postdesk.db.types import utcnow
 from postdesk.ingest.process import ProcessCounts, process_stored
 from postdesk.microsoft.clouds import endpoints_for
-from postdesk.microsoft.identity import MicrosoftIdentity, trust_store
+from postdesk.microsoft.identity import MicrosoftIdentity, tls_context
 from postdesk.microsoft.tokens import TokenError, acquire_access_token
 from postdesk.runtime import Runtime
 from postdesk.storage import store_many
@@ -65,28 +62,7 @@ def _lock_for(channel_id: int) -> threading.Lock:
 
 
 def default_mailbox(runtime: Runtime) -> ImapMailbox:
-    store = trust_store(runtime.settings)
-    context = _tls_context(store if isinstance(store, str) else None)
-    return ImapMailbox(endpoints_for(runtime.settings).imap, ssl_context=context)
-
-
-def _tls_context(cafile: str | None) -> ssl.SSLContext:
-    """The TLS settings for IMAP connections, made once per version of the CA file.
-
-    Reading the CA store took longer than fetching a few messages, and a mailbox is fetched every few
-    seconds; a context is safe to share between connections and threads.
-    """
-    path = cafile or ssl.get_default_verify_paths().cafile
-    try:
-        version = os.stat(path).st_mtime_ns if path else 0
-    except OSError:
-        version = 0  # create_default_context says what is wrong with it
-    return _cached_tls_context(cafile, version)
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_tls_context(cafile: str | None, _version: int) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=cafile)
+    return ImapMailbox(endpoints_for(runtime.settings).imap, ssl_context=tls_context(runtime.settings))
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import ssl
 import tempfile
 from collections.abc import Mapping
@@ -59,6 +60,28 @@ def _merged_trust_store(data_dir: Path, ca_bundle: Path, _version: int) -> str:
             handle.write(content)
         Path(handle.name).replace(merged)
     return str(merged)
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS settings for IMAP and SMTP connections: the system CAs plus POSTDESK_CA_BUNDLE, made once
+    per version of the CA file.
+
+    Reading the CA store took longer than fetching a few messages, and a mailbox is fetched every few
+    seconds; a context is safe to share between connections and threads.
+    """
+    store = trust_store(settings)
+    cafile = store if isinstance(store, str) else None
+    path = cafile or ssl.get_default_verify_paths().cafile
+    try:
+        version = os.stat(path).st_mtime_ns if path else 0
+    except OSError:
+        version = 0  # create_default_context says what is wrong with it
+    return _cached_tls_context(cafile, version)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tls_context(cafile: str | None, _version: int) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cafile)
 
 
 def http_session(settings: Settings) -> requests.Session:

@@ -44,11 +44,8 @@ class DraftError(ValueError):
     """A draft that cannot be sent as it is; the message says what to change."""
 
 
-@dataclass(frozen=True)
-class UploadedFile:
-    filename: str
-    content: bytes
-    content_type: str = "application/octet-stream"
+# A file an agent attaches is exactly what goes into the mail.
+UploadedFile = OutgoingAttachment
 
 
 @dataclass(frozen=True)
@@ -224,7 +221,7 @@ def _body(draft: Draft, parent: Article | None) -> str:
 
 
 def _attachments(settings: Settings, draft: Draft, parent: Article | None) -> tuple[OutgoingAttachment, ...]:
-    files = [OutgoingAttachment(f.filename, f.content, f.content_type) for f in draft.attachments]
+    files = list(draft.attachments)
     if draft.kind == "forward" and parent is not None:
         files += [
             OutgoingAttachment(a.filename, read_bytes(settings.attachments_dir, a.sha256), a.content_type)

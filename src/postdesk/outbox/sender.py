@@ -11,7 +11,6 @@ again when it is not there.
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from sqlalchemy.orm import Session
 from postdesk.db.models import Channel, ChannelEvent, ChannelStatus, DeliveryStatus, OutboundMessage
 from postdesk.db.types import utcnow
 from postdesk.microsoft.clouds import endpoints_for
-from postdesk.microsoft.identity import MicrosoftIdentity, trust_store
+from postdesk.microsoft.identity import MicrosoftIdentity, tls_context
 from postdesk.microsoft.tokens import TokenError, acquire_access_token
 from postdesk.outbox.explain import DeliveryExplanation, Retry, explain_refusal
 from postdesk.runtime import Runtime
@@ -73,17 +72,12 @@ class SendReport:
         return ", ".join(parts)
 
 
-def _ssl_context(runtime: Runtime) -> ssl.SSLContext:
-    store = trust_store(runtime.settings)
-    return ssl.create_default_context(cafile=store if isinstance(store, str) else None)
-
-
 def default_submission(runtime: Runtime) -> SmtpSubmission:
-    return SmtpSubmission(endpoints_for(runtime.settings).smtp, ssl_context=_ssl_context(runtime))
+    return SmtpSubmission(endpoints_for(runtime.settings).smtp, ssl_context=tls_context(runtime.settings))
 
 
 def default_mailbox(runtime: Runtime) -> ImapMailbox:
-    return ImapMailbox(endpoints_for(runtime.settings).imap, ssl_context=_ssl_context(runtime))
+    return ImapMailbox(endpoints_for(runtime.settings).imap, ssl_context=tls_context(runtime.settings))
 
 
 def send_due(
