@@ -15,24 +15,19 @@ from __future__ import annotations
 import random
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import select
 from tests.support.dovecot import DovecotServer
 from tests.support.mailfactory import customer_mail
-from tests.support.tls import ca_bundle
 
-from bench.ingest import BASE_URL, _connect_channel
-from postdesk.config import Settings
+from bench.desk import bench_desk
 from postdesk.db.models import Article, Channel
 from postdesk.db.session import transaction
 from postdesk.ingest.fetch import fetch_channel
-from postdesk.runtime import Runtime, bootstrap
-from postdesk.sandbox import CONTOSO_TENANT_ID, SandboxDirectory, SandboxServer
+from postdesk.runtime import Runtime
 from postdesk.worker.jobs import default_jobs
 from postdesk.worker.mail import MailScheduler
 from postdesk.worker.scheduler import Scheduler
@@ -140,37 +135,15 @@ def _measure(runtime: Runtime, dovecot: DovecotServer, upn: str, channel_id: int
 
 
 def run() -> list[Row]:
-    work = Path(tempfile.mkdtemp(prefix="postdesk-bench-"))
-    directory = SandboxDirectory.default()
-    upn = directory.add_user(
-        upn="bench@contoso.onmicrosoft.com", display_name="Bench", tenant_id=CONTOSO_TENANT_ID
-    ).upn
-    with (
-        SandboxServer(directory, state_dir=work / "sandbox") as sandbox,
-        DovecotServer(
-            work / "dovecot", sandbox_base_url=sandbox.base_url, sandbox_ca=sandbox.ca_path
-        ) as dovecot,
-    ):
-        runtime = bootstrap(
-            Settings(
-                data_dir=work / "data",
-                secret_key="bench-secret-key-0123456789-abcdefghijkl",
-                base_url=BASE_URL,
-                microsoft_login_url=sandbox.base_url,
-                ca_bundle=ca_bundle(work / "cas.pem", sandbox, dovecot),
-                microsoft_imap=f"127.0.0.1:{dovecot.port}",
-                log_level="WARNING",
-            ),
-            apply_migrations=True,
-        )
-        channel_id = _connect_channel(runtime, sandbox, upn)
-        with transaction(runtime.sessions) as session:
+    with bench_desk() as desk:
+        [upn] = desk.add_mailboxes(1, prefix="latency")
+        channel_id = desk.connect([upn])[upn]
+        with transaction(desk.runtime.sessions) as session:
             channel = session.get(Channel, channel_id)
             assert channel is not None
             channel.fetch_interval_seconds = 3600  # no polling in the run: IDLE alone
-        fetch_channel(runtime, channel_id)  # where the folder stands; the worker then polls in an hour
-        latencies = _measure(runtime, dovecot, upn, channel_id)
-        runtime.engine.dispose()
+        fetch_channel(desk.runtime, channel_id)  # where the folder stands; the worker then polls in an hour
+        latencies = _measure(desk.runtime, desk.dovecot, upn, channel_id)
     mean = POLLING_INTERVAL_SECONDS / 2
     return [
         Row("p50", statistics.median(latencies), f"{mean:.0f} s mean", TARGETS["p50"]),

@@ -16,26 +16,22 @@ import gc
 import smtplib
 import ssl
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from pathlib import Path
 
 from sqlalchemy import func, insert, select
-from tests.support.dovecot import DovecotServer, access_token_for, xoauth2_payload
-from tests.support.tls import ca_bundle
+from tests.support.dovecot import access_token_for, xoauth2_payload
 
-from bench.ingest import BASE_URL, _connect_channel
-from postdesk.config import Settings
+from bench import ratio
+from bench.desk import bench_desk
 from postdesk.db.models import Article, Customer, DeliveryStatus, Direction, OutboundMessage, Ticket
 from postdesk.db.session import transaction
 from postdesk.outbox.queue import Draft, queue_reply
 from postdesk.outbox.sender import send_due
-from postdesk.runtime import Runtime, bootstrap
-from postdesk.sandbox import CONTOSO_TENANT_ID, SandboxDirectory, SandboxServer
+from postdesk.runtime import Runtime
 from postdesk.sandbox.submission import SMTP_SCOPE, AcceptedMessage, SubmissionServer
 from postdesk.storage import read_bytes
 from postdesk.tickets.service import next_ticket_numbers
@@ -57,18 +53,6 @@ class Queued:
     mail_from: str
     recipients: list[str]
     raw: bytes
-
-
-@dataclass(frozen=True)
-class Row:
-    name: str
-    value: float
-    baseline: float
-    target_ratio: float
-
-    @property
-    def ratio(self) -> float:
-        return self.value / self.baseline if self.baseline else 0.0
 
 
 def _open_tickets(runtime: Runtime, channel_id: int, count: int) -> None:
@@ -170,44 +154,22 @@ def _check_exactly_once(accepted: list[AcceptedMessage], messages: list[Queued],
         raise SystemExit(f"bench run invalid: {who} left {missing} messages missing and {extra} extra")
 
 
-def _settings(work: Path, sandbox: SandboxServer, dovecot: DovecotServer, smtp: SubmissionServer) -> Settings:
-    return Settings(
-        data_dir=work / "data",
-        secret_key="bench-secret-key-0123456789-abcdefghijkl",
-        base_url=BASE_URL,
-        microsoft_login_url=sandbox.base_url,
-        ca_bundle=ca_bundle(work / "cas.pem", sandbox, dovecot, smtp),
-        microsoft_imap=f"127.0.0.1:{dovecot.port}",
-        microsoft_smtp=f"127.0.0.1:{smtp.port}",
-        log_level="WARNING",
-    )
-
-
-def run(messages: int = 1000) -> list[Row]:
-    work = Path(tempfile.mkdtemp(prefix="postdesk-bench-"))
-    directory = SandboxDirectory.default()
-    upn = directory.add_user(
-        upn="bench@contoso.onmicrosoft.com", display_name="Bench", tenant_id=CONTOSO_TENANT_ID
-    ).upn
-    with (
-        SandboxServer(directory, state_dir=work / "sandbox") as sandbox,
-        DovecotServer(
-            work / "dovecot", sandbox_base_url=sandbox.base_url, sandbox_ca=sandbox.ca_path
-        ) as dovecot,
-        SubmissionServer(directory, work / "submission", dovecot=dovecot) as submission,
-    ):
-        runtime = bootstrap(_settings(work, sandbox, dovecot, submission), apply_migrations=True)
-        channel_id = _connect_channel(runtime, sandbox, upn)
-        _open_tickets(runtime, channel_id, messages)
-        queued = _queue_replies(runtime)
-        app = directory.register_app(display_name="baseline")
-        token = access_token_for(directory, app, upn, scope=SMTP_SCOPE)
+def run(messages: int = 1000) -> list[ratio.Row]:
+    with bench_desk(smtp=True) as desk:
+        submission = desk.submission
+        assert submission is not None
+        [upn] = desk.add_mailboxes(1, prefix="outbound")
+        channel_id = desk.connect([upn])[upn]
+        _open_tickets(desk.runtime, channel_id, messages)
+        queued = _queue_replies(desk.runtime)
+        app = desk.directory.register_app(display_name="baseline")
+        token = access_token_for(desk.directory, app, upn, scope=SMTP_SCOPE)
         baseline_seconds = _baseline(submission, token, upn, queued)
         _check_exactly_once(submission.accepted, queued, "the baseline")
         before = len(submission.accepted)
-        postdesk_seconds = _flush_outbox(runtime, messages)
+        postdesk_seconds = _flush_outbox(desk.runtime, messages)
         _check_exactly_once(submission.accepted[before:], queued, "Postdesk")
-        with runtime.sessions() as session:
+        with desk.runtime.sessions() as session:
             sent = session.scalar(
                 select(func.count())
                 .select_from(OutboundMessage)
@@ -215,10 +177,9 @@ def run(messages: int = 1000) -> list[Row]:
             )
         if len(queued) != messages or sent != messages:
             raise SystemExit(f"bench run invalid: {len(queued)} queued, {sent} marked sent")
-        runtime.engine.dispose()
     return [
-        Row(
-            f"SMTP send, {messages} replies, SQLite (msg/s)",
+        ratio.Row(
+            f"SMTP send, {messages:,} replies, SQLite (msg/s)",
             messages / postdesk_seconds,
             messages / baseline_seconds,
             TARGET_RATIO,
@@ -226,18 +187,10 @@ def run(messages: int = 1000) -> list[Row]:
     ]
 
 
-def print_table(rows: list[Row]) -> bool:
-    print("\nOutbound: replies flushed through the test SMTP server (baseline: smtplib, one connection)")
-    print(f"{'measurement':<52} {'Postdesk':>10} {'baseline':>10} {'ratio':>7} {'target':>8}  result")
-    ok = True
-    for row in rows:
-        passed = row.ratio >= row.target_ratio
-        ok &= passed
-        print(
-            f"{row.name:<52} {row.value:>10.1f} {row.baseline:>10.1f} {row.ratio:>7.2f} "
-            f"{'>= ' + str(row.target_ratio):>8}  {'ok' if passed else 'BELOW TARGET'}"
-        )
-    return ok
+def print_table(rows: list[ratio.Row]) -> bool:
+    return ratio.print_table(
+        "Outbound: replies flushed through the test SMTP server (baseline: smtplib, one connection)", rows
+    )
 
 
 if __name__ == "__main__":

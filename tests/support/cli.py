@@ -14,6 +14,7 @@ def environment_for(settings: Settings) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("POSTDESK_")}
     values = {
         "DATA_DIR": str(settings.data_dir),
+        "DATABASE_URL": settings.database_url,
         "SECRET_KEY": settings.secret_key.get_secret_value() if settings.secret_key else None,
         "BASE_URL": settings.base_url,
         "MICROSOFT_LOGIN_URL": settings.microsoft_login_url,

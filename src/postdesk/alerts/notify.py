@@ -197,6 +197,9 @@ def recipients(runtime: Runtime) -> list[str]:
     return list(dict.fromkeys(address.strip().lower() for address in everyone if address.strip()))
 
 
+MAILBOXES_TO_TRY = 3
+
+
 def send_emails(runtime: Runtime, notices: Sequence[Notice]) -> dict[int, str | None]:
     """Through working mailboxes first, then the fallback relay; each notice's error, or None if sent."""
     to = recipients(runtime)
@@ -207,7 +210,9 @@ def send_emails(runtime: Runtime, notices: Sequence[Notice]) -> dict[int, str | 
         }
     pending = {notice.alert_id: notice for notice in notices}
     problems: dict[int, list[str]] = {notice.alert_id: [] for notice in notices}
-    for channel_id in _working_channels(runtime):
+    # A few mailboxes at most: when sending fails through three, it fails through the rest for the same
+    # reason (the SMTP host, the network), and trying hundreds would stall the worker for minutes.
+    for channel_id in _working_channels(runtime)[:MAILBOXES_TO_TRY]:
         batch = [notice for notice in pending.values() if notice.may_go_through(channel_id)]
         if batch:
             _settle(pending, problems, _send_through_channel(runtime, channel_id, batch, to))

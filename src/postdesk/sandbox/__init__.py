@@ -2,9 +2,11 @@
 
 ``SandboxDirectory`` holds tenants, users, app registrations, consents and issued grants;
 ``SandboxServer`` serves it over HTTPS with a private test CA so that real MSAL can sign in against it.
-Every page it renders says "Postdesk sandbox — not Microsoft".
+Every page it renders says "Postdesk sandbox — not Microsoft". ``GraphMailStore`` holds the mailboxes
+its Microsoft Graph mail API serves under ``/v1.0``.
 """
 
+from postdesk.sandbox.graph import GraphMailStore, MailboxRight
 from postdesk.sandbox.identity import (
     CONTOSO_TENANT_ID,
     FABRIKAM_TENANT_ID,
@@ -24,6 +26,8 @@ __all__ = [
     "FABRIKAM_TENANT_ID",
     "ClientCertificate",
     "ClientSecret",
+    "GraphMailStore",
+    "MailboxRight",
     "RegisteredApp",
     "SandboxDirectory",
     "SandboxServer",

@@ -520,6 +520,9 @@ namespace inbox {{
 {mailboxes}
 }}
 
+# Room for a worker that keeps hundreds of mailboxes in IDLE at once. By default every TLS connection
+# holds an imap-login process of its own (100 at most); here a few login processes serve them all.
+default_client_limit = 4000
 service imap-login {{
   inet_listener imap {{
     port = 0
@@ -528,6 +531,12 @@ service imap-login {{
     port = {self.port}
     ssl = yes
   }}
+  service_count = 0
+  process_min_avail = 2
+  client_limit = 2000
+}}
+service imap {{
+  process_limit = 2000
 }}
 service pop3-login {{
   inet_listener pop3 {{

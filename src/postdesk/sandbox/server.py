@@ -15,6 +15,7 @@ from types import TracebackType
 
 import uvicorn
 
+from postdesk.sandbox.graph import GraphMailStore, graph_routes
 from postdesk.sandbox.identity import SandboxDirectory, create_app
 from postdesk.sandbox.tls import TlsFiles, ensure_server_certificate
 
@@ -29,9 +30,17 @@ class SandboxServer:
     """
 
     def __init__(
-        self, directory: SandboxDirectory, state_dir: Path, host: str = "127.0.0.1", port: int = 0
+        self,
+        directory: SandboxDirectory,
+        state_dir: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        graph: GraphMailStore | None = None,
     ) -> None:
         self.directory = directory
+        # Mailboxes served by the Graph mail API under /v1.0 (base_url stands in for graph.microsoft.com).
+        self.graph = graph or GraphMailStore(directory)
         self.state_dir = Path(state_dir)
         self.host = host
         self.port = port
@@ -58,8 +67,10 @@ class SandboxServer:
             raise RuntimeError("the sandbox server is already running")
         self._tls = ensure_server_certificate(self.state_dir)
         listener = self._bind()
+        app = create_app(self.directory)
+        app.router.routes[0:0] = graph_routes(self.graph)
         config = uvicorn.Config(
-            create_app(self.directory),
+            app,
             ssl_certfile=str(self._tls.cert_path),
             ssl_keyfile=str(self._tls.key_path),
             log_level="warning",

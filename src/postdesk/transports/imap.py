@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import imaplib
 import ssl
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
@@ -182,25 +182,32 @@ class ImapMailbox:
     def supports_idle(self) -> bool:
         return bool(self._call("reading capabilities", self.client.has_capability, "IDLE"))
 
-    def wait_for_change(self, timeout: float, *, idling: Callable[[], object] | None = None) -> bool:
-        """IDLE for up to ``timeout`` seconds; True when the server announced new or changed mail.
-
-        ``idling`` is called once the server has accepted IDLE, i.e. from when on it will push."""
+    def start_idle(self) -> None:
+        """Enter IDLE: from now on the server pushes news of the open folder until ``end_idle``."""
         self._call("starting IDLE", self.client.idle)
-        if idling is not None:
-            idling()
-        responses: list[Any] = []
+
+    def idle_socket(self) -> Any:
+        """The socket to wait on (with a selector) while idling; readable means the server said something."""
+        return self.client.socket()
+
+    def idle_news(self) -> IdleNews:
+        """Read what the server pushed while idling, without blocking: call when the socket is readable."""
+        return _news(self._call("reading IDLE news", self.client.idle_check, timeout=0))
+
+    def end_idle(self) -> IdleNews:
+        """Leave IDLE (DONE). Mail that arrives while IDLE ends is announced in the answer to DONE, and
+        only there: the next IDLE will not mention it again, so the news is returned."""
+        _text, closing = self._call("ending IDLE", self.client.idle_done)
+        return _news(closing)
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """IDLE for up to ``timeout`` seconds on this thread; True when the server announced new mail."""
+        self.start_idle()
         try:
-            responses.extend(self._call("waiting in IDLE", self.client.idle_check, timeout=timeout))
+            news = _news(self._call("waiting in IDLE", self.client.idle_check, timeout=timeout))
         finally:
-            # Mail that arrives while IDLE ends is announced in the answer to DONE, and only there:
-            # the next IDLE will not mention it again.
-            _text, closing = self._call("ending IDLE", self.client.idle_done)
-            responses.extend(closing)
-        return any(
-            isinstance(item, tuple) and len(item) > 1 and item[1] in (b"EXISTS", b"RECENT")
-            for item in responses
-        )
+            closing = self.end_idle()
+        return news.new_mail or closing.new_mail
 
     def abort(self) -> None:
         """Drop the connection from another thread, e.g. to end an IDLE wait at shutdown."""
@@ -216,7 +223,8 @@ class ImapMailbox:
         try:
             client.logout()
         except (OSError, IMAPClientError, imaplib.IMAP4.abort):
-            client.shutdown()
+            with contextlib.suppress(OSError):
+                client.shutdown()
 
     def __enter__(self) -> ImapMailbox:
         return self
@@ -225,6 +233,21 @@ class ImapMailbox:
         self, kind: type[BaseException] | None, value: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class IdleNews:
+    new_mail: bool  # EXISTS or RECENT: something arrived
+    goodbye: bool  # BYE: the server is closing the session
+    heard: bool  # the server said anything at all (a readable socket with nothing in it has closed)
+
+
+def _news(responses: Sequence[Any]) -> IdleNews:
+    kinds = {item[1] for item in responses if isinstance(item, tuple) and len(item) > 1}
+    kinds |= {item[0] for item in responses if isinstance(item, tuple) and item}
+    return IdleNews(
+        new_mail=bool(kinds & {b"EXISTS", b"RECENT"}), goodbye=b"BYE" in kinds, heard=bool(responses)
+    )
 
 
 def _aware(moment: datetime) -> datetime:

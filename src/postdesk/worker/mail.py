@@ -26,7 +26,7 @@ from postdesk.db.models import Channel, ChannelStatus
 from postdesk.db.types import utcnow
 from postdesk.ingest.fetch import FetchResult, MailboxFactory, default_mailbox, fetch_channel
 from postdesk.runtime import Runtime
-from postdesk.worker.idle import IdleWatcher
+from postdesk.worker.idle import IdleHub, IdleWatch
 from postdesk.worker.leases import ChannelLeases, process_worker_id
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class MailScheduler:
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="postdesk-fetch")
         self._running: dict[int, Future[FetchResult]] = {}
         self._again: set[int] = set()
-        self._watchers: dict[int, IdleWatcher] = {}
+        self._hub: IdleHub | None = None
         self._guard = threading.Lock()
         self._use_idle = use_idle
         self._mailbox_factory = mailbox_factory
@@ -127,9 +127,8 @@ class MailScheduler:
     def _leases_changed(self, gained: frozenset[int], lost: frozenset[int]) -> None:
         with self._guard:
             for channel_id in lost:
-                watcher = self._watchers.pop(channel_id, None)
-                if watcher is not None:
-                    watcher.stop()
+                if self._hub is not None:
+                    self._hub.unwatch(channel_id)
                 self._again.discard(channel_id)
         if self._leases is None:
             return  # the first round: __call__ starts what is due right after it
@@ -167,25 +166,24 @@ class MailScheduler:
 
     def _keep_watchers(self, runtime: Runtime, healthy: set[int]) -> None:
         with self._guard:
-            self._keep_watchers_locked(runtime, healthy)
+            hub = self._hub
+            if hub is None or not hub.running:
+                hub = self._hub = IdleHub(
+                    runtime, on_new_mail=self.request_fetch, mailbox_factory=self._mailbox_factory
+                )
+            watching = hub.watching()
+            for channel_id, watch in watching.items():
+                if channel_id not in healthy:
+                    hub.unwatch(channel_id)
+                elif not watch.alive and not watch.unsupported:
+                    hub.watch(channel_id)  # stopped under us: start over
+            # A server without IDLE keeps its watch as a marker: the mailbox is polled instead.
+            for channel_id in healthy - set(watching):
+                hub.watch(channel_id)
 
-    def _keep_watchers_locked(self, runtime: Runtime, healthy: set[int]) -> None:
-        for channel_id in list(self._watchers):
-            watcher = self._watchers[channel_id]
-            if channel_id not in healthy or not watcher.alive:
-                watcher.stop()
-                if watcher.unsupported and channel_id in healthy:
-                    continue  # no IDLE on this server: keep the dead watcher as a marker, poll instead
-                del self._watchers[channel_id]
-        for channel_id in healthy - set(self._watchers):
-            watcher = IdleWatcher(
-                runtime, channel_id, on_new_mail=self.request_fetch, mailbox_factory=self._mailbox_factory
-            )
-            self._watchers[channel_id] = watcher
-            watcher.start()
-
-    def watcher(self, channel_id: int) -> IdleWatcher | None:
-        return self._watchers.get(channel_id)
+    def watcher(self, channel_id: int) -> IdleWatch | None:
+        hub = self._hub
+        return hub.get(channel_id) if hub is not None else None
 
     def shutdown(self) -> None:
         """Stop watching, let running fetches finish (their leases are still renewed meanwhile), then
@@ -194,11 +192,9 @@ class MailScheduler:
         if self._leases is not None:
             self._leases.drain()
         with self._guard:
-            watchers = list(self._watchers.values())
-        for watcher in watchers:
-            watcher.stop()
-        for watcher in watchers:
-            watcher.join(timeout=5)
+            hub, self._hub = self._hub, None
+        if hub is not None:
+            hub.stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._leases is not None:
             self._leases.stop_and_release()
