@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     alert_emails: Annotated[tuple[EmailAddress, ...], NoDecode] = ()
     # How long a worker's hold on a mailbox lasts without renewal (renewed every quarter of it).
     worker_lease_seconds: int = Field(default=60, ge=2, le=3600)
+    # Failed sign-ins one client address (an IPv6 /64) may make within the window; 0 turns the limit off.
+    login_attempts_per_address: int = Field(default=20, ge=0, le=10000)
+    login_throttle_minutes: int = Field(default=15, ge=1, le=1440)
 
     @field_validator("alert_webhook_url")
     @classmethod

@@ -503,3 +503,22 @@ class Worker(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class LoginAttempt(Base):
+    """A sign-in attempt counted against the client address it came from (``security/throttle.py``).
+
+    A row is written before the password is checked, so that concurrent attempts in several web
+    processes see each other; it is deleted again when the sign-in succeeds, and otherwise kept as a
+    failure until it is older than the throttle window.
+    """
+
+    __tablename__ = "login_attempts"
+    __table_args__ = (Index("ix_login_attempts_client_attempted_at", "client", "attempted_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # An IPv4 address, or the /64 network of an IPv6 address.
+    client: Mapped[str] = mapped_column(String(64))
+    # A keyed hash of the address typed, never the text: people type passwords into that field too.
+    account: Mapped[str] = mapped_column(String(64))
+    attempted_at: Mapped[datetime] = mapped_column(index=True)

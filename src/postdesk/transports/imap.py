@@ -87,7 +87,8 @@ class ImapMailbox:
     def _call(self, action: str, function: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
-        except (OSError, IMAPClientError, imaplib.IMAP4.abort) as exc:
+        # ValueError: imaplib reading from a connection that ``abort`` closed under it.
+        except (OSError, ValueError, IMAPClientError, imaplib.IMAP4.abort) as exc:
             raise _failure(action, exc) from exc
 
     def folders(self) -> list[str]:

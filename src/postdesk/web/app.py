@@ -7,10 +7,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from postdesk import __version__
 from postdesk.runtime import Runtime
@@ -90,13 +91,18 @@ def _install_middleware(app: FastAPI, runtime: Runtime) -> None:
             response.set_cookie(
                 CSRF_COOKIE, request.state.csrf_seed, httponly=True, secure=secure, samesite="lax", path="/"
             )
-        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        if secure:
-            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
-        return response
+        return protect(response, secure=secure)
+
+
+def protect(response: Response, *, secure: bool) -> Response:
+    """The headers every answer carries, unless its route chose stricter ones (the mail frame)."""
+    response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    if secure:
+        response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+    return response
 
 
 def _install_error_pages(app: FastAPI) -> None:
@@ -107,8 +113,9 @@ def _install_error_pages(app: FastAPI) -> None:
             return Response(status_code=401, headers={"HX-Redirect": "/login"})
         return RedirectResponse(f"/login?next={quote(target, safe='/')}", status_code=303)
 
-    @app.exception_handler(HTTPException)
-    async def error_page(request: Request, exc: HTTPException) -> Response:
+    # Starlette's HTTPException (FastAPI's is a subclass): an unknown route raises the former.
+    @app.exception_handler(StarletteHTTPException)
+    async def error_page(request: Request, exc: StarletteHTTPException) -> Response:
         if request.url.path.startswith("/api/") or request.url.path == "/healthz":
             return await http_exception_handler(request, exc)
         return render(
@@ -128,14 +135,18 @@ def _install_error_pages(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, _exc: Exception) -> Response:
-        # The traceback goes to the log (redacted); the browser gets no internals.
+        # The traceback goes to the log (redacted); the browser gets no internals. Starlette answers
+        # this one outside every middleware, so the page gets its protections here.
+        secure = request.app.state.runtime.settings.uses_https
         if request.url.path.startswith("/api/"):
-            return JSONResponse(
-                {"detail": "Internal error; the server log has the details."}, status_code=500
+            return protect(
+                JSONResponse({"detail": "Internal error; the server log has the details."}, status_code=500),
+                secure=secure,
             )
-        return render(
+        page = render(
             request,
             "error.html",
             {"status": 500, "message": "Something went wrong on our side; the server log has the details."},
             status_code=500,
         )
+        return protect(page, secure=secure)

@@ -157,19 +157,24 @@ class IdleHub:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                for key, _events in self._selector.select(self._wait_seconds()):
-                    if key.data is None:
-                        with contextlib.suppress(OSError):
-                            self._wake_in.recv(4096)
-                    else:
-                        self._readable(key.data)
-                self._take_finished()
-                self._tidy()
-                self._start_due()
-        except Exception:
-            log.exception("the IDLE hub failed; mail is fetched by polling until the worker restarts")
+                try:
+                    self._round()
+                except Exception:  # one bad round must not end IDLE for every mailbox
+                    log.exception("the IDLE hub hit an unexpected error; carrying on")
+                    self._stopping.wait(1.0)
         finally:
             self._close_all()
+
+    def _round(self) -> None:
+        for key, _events in self._selector.select(self._wait_seconds()):
+            if key.data is None:
+                with contextlib.suppress(OSError):
+                    self._wake_in.recv(4096)
+            else:
+                self._readable(key.data)
+        self._take_finished()
+        self._tidy()
+        self._start_due()
 
     def _wait_seconds(self) -> float:
         with self._lock:
@@ -187,7 +192,7 @@ class IdleHub:
             return
         try:
             news = mailbox.idle_news()
-        except (TransportError, OSError) as exc:
+        except Exception as exc:  # whatever broke, this session is over: reconnect
             self._broken(watch, exc)
             return
         if news.new_mail:

@@ -13,6 +13,7 @@ from postdesk.db.session import transaction
 from postdesk.db.types import utcnow
 from postdesk.outbox.sender import start_sending
 from postdesk.runtime import Runtime
+from postdesk.security.throttle import LoginThrottle, purge_old_attempts
 from postdesk.tickets.service import remind_due_tickets
 from postdesk.web.sessions import purge_expired_sessions
 from postdesk.worker.heartbeat import refresh_stale_tokens
@@ -26,15 +27,22 @@ OAUTH_FLOW_LIFETIME = timedelta(minutes=30)
 
 
 def purge_stale_sign_ins(runtime: Runtime) -> None:
-    """Forget expired browser sessions and abandoned Microsoft sign-ins (they hold PKCE verifiers)."""
+    """Forget expired browser sessions, abandoned Microsoft sign-ins (they hold PKCE verifiers) and failed
+    sign-ins older than the throttle's window (they hold client addresses)."""
     with transaction(runtime.sessions) as session:
         sessions = purge_expired_sessions(session)
         flows = session.execute(
             delete(OAuthFlow).where(OAuthFlow.created_at < utcnow() - OAUTH_FLOW_LIFETIME)
         )
+        attempts = purge_old_attempts(session, LoginThrottle.from_settings(runtime.settings))
     flow_count = int(getattr(flows, "rowcount", 0) or 0)
-    if sessions or flow_count:
-        log.info("purged %d expired sessions and %d abandoned sign-ins", sessions, flow_count)
+    if sessions or flow_count or attempts:
+        log.info(
+            "purged %d expired sessions, %d abandoned sign-ins and %d old failed sign-in records",
+            sessions,
+            flow_count,
+            attempts,
+        )
 
 
 def optimise_sqlite(runtime: Runtime) -> None:
