@@ -20,7 +20,8 @@ from postdesk.outbox.queue import Draft, DraftError, UploadedFile
 from postdesk.outbox.sender import send_due
 from postdesk.runtime import Runtime
 from postdesk.sandbox.submission import Stage, SubmissionServer
-from postdesk.transports.smtp import OutcomeUnknown, SmtpSubmission
+from postdesk.transports.errors import OutcomeUnknown
+from postdesk.transports.smtp import SmtpSubmission
 from tests.microsoft365.conftest import Inbox, changing_delivery, delivery_of, queue_draft, receive_mail
 from tests.support.cli import environment_for, run_postdesk
 from tests.support.dovecot import DovecotServer, inbox

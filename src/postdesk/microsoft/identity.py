@@ -9,6 +9,7 @@ POSTDESK_CA_BUNDLE (MSAL's own ``verify=`` is overridden by that variable).
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import hashlib
 import logging
@@ -17,6 +18,7 @@ import ssl
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from postdesk.microsoft.clouds import Endpoints, endpoints_for
 log = logging.getLogger(__name__)
 
 OIDC_SCOPES = ("openid", "profile", "email", "offline_access")
-HTTP_TIMEOUT = 30
+HTTP_TIMEOUT = 30  # seconds, for connecting and for each wait for data
 
 
 class NotConfigured(Exception):
@@ -84,8 +86,72 @@ def _cached_tls_context(cafile: str | None, _version: int) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cafile)
 
 
-def http_session(settings: Settings) -> requests.Session:
-    session = requests.Session()
+class UnreadableAnswer(requests.exceptions.InvalidJSONError):
+    """The token endpoint answered with something other than Microsoft's JSON: a proxy's or firewall's
+    HTML page, a cut-off body, or JSON without either a token or an error in it."""
+
+
+class IdentitySession(requests.Session):
+    """MSAL's HTTP client: a timeout on every request, and token answers checked and remembered.
+
+    ``requests`` has no session-wide timeout, and MSAL ignores its own ``timeout=`` once it is given
+    an ``http_client``; without this a hanging identity platform would block a fetch for good.
+    MSAL reads a token answer that is JSON but not an object (``null``, ``[]``) as a success, and one
+    without a token as "no refresh token"; both are checked here, where the answer is still at hand.
+    """
+
+    def __init__(self, *, timeout: float) -> None:
+        super().__init__()
+        self.timeout = timeout
+        # From the last token endpoint answer: seconds it asked us to wait (Retry-After), if it did.
+        self.retry_after: float | None = None
+
+    def request(  # the same call, with a default timeout
+        self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
+    ) -> requests.Response:
+        kwargs.setdefault("timeout", self.timeout)
+        response = super().request(method, url, *args, **kwargs)
+        if str(method).upper() == "POST" and str(url).endswith("/token"):
+            self.retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+            _check_token_answer(response)
+        return response
+
+
+def _check_token_answer(response: requests.Response) -> None:
+    if response.status_code >= 500:
+        return  # MSAL raises for these itself ("HTTP Error: 503")
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    expected = "access_token" if response.ok else "error"
+    if isinstance(body, dict) and expected in body:
+        return
+    content_type = response.headers.get("Content-Type", "").split(";")[0].strip() or "no content type"
+    what = f"JSON without {expected}" if isinstance(body, dict) else "something other than Microsoft's JSON"
+    raise UnreadableAnswer(
+        f"the token endpoint answered HTTP {response.status_code} ({content_type}) with {what}",
+        response=response,
+    )
+
+
+def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
+    """A Retry-After header in seconds: Microsoft sends a number; HTTP also allows a date."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def http_session(settings: Settings) -> IdentitySession:
+    session = IdentitySession(timeout=HTTP_TIMEOUT)
     session.trust_env = False  # REQUESTS_CA_BUNDLE / proxies from the environment would override verify
     session.verify = trust_store(settings)
     return session
@@ -134,15 +200,23 @@ class MicrosoftIdentity:
             token_cache=cache,
             http_client=self._http,
             http_cache=self._http_cache,
-            timeout=HTTP_TIMEOUT,
             # Instance discovery asks login.microsoftonline.com about the host; pointless (and
             # impossible offline) for a configured identity host.
             instance_discovery=False if custom_host else None,
         )
 
+    @property
+    def http_timeout(self) -> float:
+        return self._http.timeout
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds the last token endpoint answer asked us to wait before asking again, if it did."""
+        return self._http.retry_after
+
     def openid_configuration(self) -> Mapping[str, Any]:
         url = f"{self.authority}/v2.0/.well-known/openid-configuration"
-        response = self._http.get(url, timeout=HTTP_TIMEOUT)
+        response = self._http.get(url)
         response.raise_for_status()
         document: Mapping[str, Any] = response.json()
         return document

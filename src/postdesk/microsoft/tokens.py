@@ -12,12 +12,14 @@ row lock (``SELECT … FOR UPDATE``) that makes other processes wait and then re
 Every failure is classified. One that needs a person sets the channel's status and ``last_error``
 right away; a passing one (network, Microsoft's 5xx or throttling) is counted, and only when it
 persists (``ESCALATE_AFTER``, ``ESCALATE_COUNT``) does the admin hear about it. That bookkeeping is
-committed on its own, whatever the caller then does with its transaction.
+committed on its own, whatever the caller then does with its transaction. When Microsoft answers a
+passing failure with ``Retry-After``, this process does not ask for that mailbox again before then.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -32,7 +34,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from postdesk.db.models import Channel, ChannelEvent, ChannelStatus
 from postdesk.db.types import utcnow
 from postdesk.microsoft.errors import Explanation, IdentityError, Remedy, explain, support_reference
-from postdesk.microsoft.identity import MicrosoftIdentity, load_cache
+from postdesk.microsoft.identity import MicrosoftIdentity, UnreadableAnswer, load_cache
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,25 @@ UNREACHABLE = Explanation(
     transient=True,
     channel_status="ok",
 )
+UNREADABLE = Explanation(
+    title="Microsoft's sign-in service gave an answer Postdesk could not read",
+    cause="The request for a new access token was answered with something other than Microsoft's JSON, "
+    "often an error page from a proxy or firewall, or a reply cut off on the way.",
+    fix="Nothing to do if it passes; Postdesk retries with increasing pauses. If it persists, check for a "
+    "proxy or firewall between this server and the identity platform that answers in its place.",
+    remedy=Remedy.RETRY,
+    transient=True,
+    channel_status="ok",
+)
+ASKED_TO_WAIT = Explanation(
+    title="Microsoft asked Postdesk to wait before asking for a new access token",
+    cause="The last request for this mailbox's token was throttled or refused for now, with a Retry-After "
+    "time; asking again earlier would only prolong it.",
+    fix="Nothing to do; Postdesk asks again once the time has passed.",
+    remedy=Remedy.RETRY,
+    transient=True,
+    channel_status="ok",
+)
 BUSY = Explanation(
     title="Another refresh of this mailbox's sign-in is in progress",
     cause="A different task of this process is redeeming the same refresh token.",
@@ -90,11 +111,15 @@ BUSY = Explanation(
 ESCALATE_AFTER = timedelta(hours=2)
 ESCALATE_COUNT = 5
 LOCK_WAIT_SECONDS = 60.0
+# The longest Retry-After honoured (as MSAL caps it); a longer one is most likely a mistake.
+MAX_RETRY_AFTER = timedelta(hours=1)
 TOKEN_LOCK_NAMESPACE = 0x7064  # "pd": keeps Postdesk's advisory locks apart from other users of the database
 
 log = logging.getLogger(__name__)
 _locks_guard = threading.Lock()
 _locks: dict[int, threading.RLock] = {}
+# Per channel: no token request before this time, as Microsoft's Retry-After asked.
+_not_before: dict[int, datetime] = {}
 
 
 def _channel_lock(channel_id: int) -> threading.RLock:
@@ -111,7 +136,12 @@ def acquire_access_token(
     now: datetime | None = None,
 ) -> AccessToken:
     """An access token for ``channel``'s mailbox, redeeming its refresh token if needed (serialised per
-    channel). Raises ``TokenError``; its failure bookkeeping on the channel row is already committed."""
+    channel). Raises ``TokenError``; its failure bookkeeping on the channel row is already committed.
+
+    While a Retry-After from Microsoft is running it raises at once, without asking Microsoft and
+    without counting another failure."""
+    now = now or utcnow()
+    _wait_as_asked(channel.id, now)
     lock = _channel_lock(channel.id)
     if not lock.acquire(timeout=LOCK_WAIT_SECONDS):
         raise TokenError(BUSY, "refresh in progress")
@@ -122,8 +152,10 @@ def acquire_access_token(
         try:
             token = _redeem(session, identity, channel, force_refresh=force_refresh)
         except TokenError as exc:
-            raise _note_failure(session, channel.id, exc, now or utcnow()) from exc
-        _note_success(channel, redeemed=channel.token_cache != before, now=now or utcnow())
+            exc = _note_retry_after(channel.id, exc, identity.retry_after, now)
+            raise _note_failure(session, channel.id, exc, now) from exc
+        _not_before.pop(channel.id, None)
+        _note_success(channel, redeemed=channel.token_cache != before, now=now)
         if channel.token_cache != before:
             # Keep other threads out until the rotated token is committed (or rolled back).
             _release_when_transaction_ends(session, lock)
@@ -157,21 +189,69 @@ def _redeem(
         if account is None:
             raise TokenError(NO_ACCOUNT, "no account in the token cache")
         result = app.acquire_token_silent_with_error(identity.scopes, account, force_refresh=force_refresh)
+    except UnreadableAnswer as exc:  # before RequestException, of which it is one
+        raise TokenError(UNREADABLE, str(exc)) from exc
     except (requests.RequestException, ValueError, MsalServiceError) as exc:
-        # A refused connection, a timeout, an answer that is not JSON (a proxy's error page), or a
-        # 5xx/429 that MSAL raises for (it has already honoured any Retry-After).
-        reference = str(exc) if isinstance(exc, MsalServiceError) else exc.__class__.__name__
-        raise TokenError(UNREACHABLE, reference) from exc
-    if cache.has_state_changed:
-        channel.token_cache = cache.serialize()
-        session.flush()
+        # A refused connection, a timeout, a failed TLS handshake, an answer that is not JSON, or a
+        # 5xx that MSAL raises for.
+        raise TokenError(UNREACHABLE, _network_failure(exc, identity.http_timeout)) from exc
     if not result:
         raise TokenError(NO_ACCOUNT, "no refresh token in the token cache")
     if "error" in result:
         err = IdentityError.from_token_response(result)
         raise TokenError(explain(err), support_reference(err))
+    # Only now: on a failure MSAL has merely dropped expired access tokens, and writing that to the row
+    # would hold the database lock that the failure bookkeeping's own transaction then waits for.
+    if cache.has_state_changed:
+        channel.token_cache = cache.serialize()
+        session.flush()
     expires_in = int(result.get("expires_in") or 0)
     return AccessToken(value=str(result["access_token"]), expires_at=utcnow() + timedelta(seconds=expires_in))
+
+
+def _network_failure(exc: Exception, timeout: float) -> str:
+    """What went wrong on the way to the identity platform, in a few words for the status line."""
+    if isinstance(exc, MsalServiceError):
+        return str(exc)  # "HTTP Error: 503"
+    if isinstance(exc, requests.Timeout):
+        return f"{exc.__class__.__name__}: no answer within {timeout:g} seconds"
+    tls = _tls_error(exc)
+    if isinstance(tls, ssl.SSLCertVerificationError):
+        return f"the server's TLS certificate is not trusted: {tls.verify_message}"
+    if tls is not None:
+        return f"the TLS handshake failed: {tls.reason or tls.strerror or tls.__class__.__name__}"
+    return exc.__class__.__name__
+
+
+def _tls_error(exc: BaseException) -> ssl.SSLError | None:
+    """The ``ssl`` error under requests' and urllib3's wrappers, if there is one."""
+    pending: list[object] = [exc]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop(0)
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError):
+            return current
+        pending += [*current.args, getattr(current, "reason", None), current.__cause__, current.__context__]
+    return None
+
+
+def _wait_as_asked(channel_id: int, now: datetime) -> None:
+    not_before = _not_before.get(channel_id)
+    if not_before is not None and now < not_before:
+        raise TokenError(ASKED_TO_WAIT, f"Retry-After: not before {not_before:%H:%M:%S} UTC")
+
+
+def _note_retry_after(channel_id: int, exc: TokenError, seconds: float | None, now: datetime) -> TokenError:
+    """Remember a passing failure's Retry-After for this channel, and say it in the reference."""
+    if seconds is None or not exc.explanation.transient:
+        _not_before.pop(channel_id, None)
+        return exc
+    wait = min(timedelta(seconds=seconds), MAX_RETRY_AFTER)
+    _not_before[channel_id] = now + wait
+    return TokenError(exc.explanation, f"{exc.reference}; Retry-After {wait.total_seconds():g} s")
 
 
 def _note_success(channel: Channel, *, redeemed: bool, now: datetime) -> None:

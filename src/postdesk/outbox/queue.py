@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from email.utils import getaddresses
 from typing import Literal
@@ -34,14 +35,21 @@ from postdesk.mail.compose import (
     references_for,
     reply_subject,
 )
-from postdesk.storage import read_bytes, store_bytes
+from postdesk.storage import read_bytes, store_bytes, store_many
 from postdesk.tickets.service import NewArticle, add_article, change_state
+
+log = logging.getLogger(__name__)
 
 ReplyKind = Literal["reply", "reply_all", "forward"]
 
 
 class DraftError(ValueError):
     """A draft that cannot be sent as it is; the message says what to change."""
+
+
+class ReplyNotStored(DraftError):
+    """The disk refused the reply's bytes (full, read-only). Not the author's doing, but shown the same
+    way, so the web page keeps the draft and the API and command line say what happened."""
 
 
 # A file an agent attaches is exactly what goes into the mail.
@@ -72,7 +80,8 @@ def queue_reply(
     """Store the outbound article, its attachments and its composed mail, queued for sending.
 
     Flushes but does not commit: the caller commits, so the article and its queue entry appear together.
-    Raises ``DraftError`` for anything the author must change (no recipient, a bad address, no mailbox).
+    Raises ``DraftError`` for anything the author must change (no recipient, a bad address, no mailbox),
+    and its ``ReplyNotStored`` when the disk cannot take the files (then nothing was added to the session).
     """
     channel = sending_channel(session, ticket)
     parent = parent_article(ticket, draft.article_id)
@@ -104,7 +113,11 @@ def queue_reply(
             f"The reply would be {len(raw) / 2**20:.1f} MB with its attachments; Microsoft 365 accepts "
             f"{MAX_MESSAGE_BYTES // 2**20} MB. Send fewer or smaller files, or share a link instead."
         )
-    article = _store_article(session, settings, ticket, mail, draft, author=author, channel=channel)
+    # Files first, rows after: a disk that refuses the bytes leaves nothing in the session to undo.
+    spooled, attachment_digests = _store_files(settings, raw, mail.attachments)
+    article = _store_article(
+        session, ticket, mail, draft, author=author, channel=channel, attachment_digests=attachment_digests
+    )
     session.add(
         OutboundMessage(
             article=article,
@@ -112,7 +125,7 @@ def queue_reply(
             message_id=mail.message_id,
             mail_from=channel.email,
             recipients="\n".join(mail.envelope_recipients),
-            sha256=store_bytes(settings.spool_dir, raw),
+            sha256=spooled,
             size=len(raw),
             next_attempt_at=utcnow(),
         )
@@ -231,15 +244,32 @@ def _attachments(settings: Settings, draft: Draft, parent: Article | None) -> tu
     return tuple(files)
 
 
+def _store_files(
+    settings: Settings, raw: bytes, attachments: tuple[OutgoingAttachment, ...]
+) -> tuple[str, list[str]]:
+    """Write the composed mail to the spool and the attachments to their store: (mail's SHA-256,
+    attachments' SHA-256s). Raises ``ReplyNotStored`` when the disk refuses them."""
+    try:
+        spooled = store_bytes(settings.spool_dir, raw)
+        return spooled, store_many(settings.attachments_dir, [a.content for a in attachments])
+    except OSError as exc:
+        log.error("could not store an outgoing reply: %s", exc)
+        raise ReplyNotStored(
+            f"The reply was not saved: Postdesk cannot write to its data directory "
+            f"({exc.strerror or exc}). Nothing was queued or sent. An administrator must check the disk "
+            "that holds POSTDESK_DATA_DIR (is it full, or mounted read-only?); then send the reply again."
+        ) from exc
+
+
 def _store_article(
     session: Session,
-    settings: Settings,
     ticket: Ticket,
     mail: OutgoingMail,
     draft: Draft,
     *,
     author: User | None,
     channel: Channel,
+    attachment_digests: list[str],
 ) -> Article:
     sender = f"{mail.sender_name} <{mail.sender_address}>" if mail.sender_name else mail.sender_address
     article = add_article(
@@ -259,13 +289,13 @@ def _store_article(
             channel=channel,
         ),
     )
-    for attachment in mail.attachments:
+    for attachment, digest in zip(mail.attachments, attachment_digests, strict=True):
         article.attachments.append(
             Attachment(
                 filename=attachment.filename[:255],
                 content_type=attachment.content_type[:255],
                 size=len(attachment.content),
-                sha256=store_bytes(settings.attachments_dir, attachment.content),
+                sha256=digest,
             )
         )
     return article

@@ -28,9 +28,9 @@ from postdesk.outbox.explain import DeliveryExplanation, Retry, explain_refusal
 from postdesk.runtime import Runtime
 from postdesk.security.redact import redact
 from postdesk.storage import read_bytes
-from postdesk.transports.errors import TransportError
+from postdesk.transports.errors import OutcomeUnknown, TransportError
 from postdesk.transports.imap import ImapMailbox
-from postdesk.transports.smtp import OutcomeUnknown, SmtpRefusal, SmtpSubmission
+from postdesk.transports.smtp import SmtpRefusal, SmtpSubmission
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,9 @@ class _ChannelRun:
             reply = smtp.send(mail_from, recipients, raw)
         except SmtpRefusal as refusal:
             self._refused([row_id], refusal)
-            return refusal.stage != "connect"
+            # A 421 closes the connection (RFC 5321 3.8), whatever the stage: the rest of the pass
+            # waits for the next one instead of failing on the closed socket with smtplib's words.
+            return refusal.stage != "connect" and refusal.code != 421
         except OutcomeUnknown as exc:
             self._hold_in_doubt([row_id], str(exc), delay=OUTCOME_CHECK_DELAY)
             return False

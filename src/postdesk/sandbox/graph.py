@@ -17,8 +17,8 @@ of request and response shapes, never a particular client:
   move, DELETE, create a draft from MIME or JSON, send a draft), ``mailFolders/{id}/messages/delta``
   (``$select``, ``changeType``, ``Prefer: odata.maxpagesize``, ``@odata.nextLink`` rounds ending in an
   ``@odata.deltaLink``, ``@removed`` entries), ``sendMail`` (MIME as base64 ``text/plain``, or JSON),
-  and large attachments through ``attachments/createUploadSession`` and PUTs of byte ranges to a
-  pre-authenticated upload URL.
+  file attachments under 3 MB by POST to ``attachments``, and large ones through
+  ``attachments/createUploadSession`` and PUTs of byte ranges to a pre-authenticated upload URL.
 - Message ids change when a message moves, as Graph's default ids do; ``Prefer:
   IdType="ImmutableId"`` asks for ids that do not. Old ids answer 404 ``ErrorItemNotFound``.
 - Request bodies over 4 MB answer 413. Every response carries ``request-id`` and ``client-request-id``;
@@ -1252,6 +1252,7 @@ class GraphApi:
             ("POST", "/messages/{message}/move", "write", self.move_message),
             ("POST", "/messages/{message}/send", "send", self.send_draft),
             ("GET", "/messages/{message}/attachments", "read", self.list_attachments),
+            ("POST", "/messages/{message}/attachments", "write", self.add_attachment),
             (
                 "POST",
                 "/messages/{message}/attachments/createUploadSession",
@@ -1437,6 +1438,21 @@ class GraphApi:
         resources = [attachment_resource(message, i, a) for i, a in enumerate(message.view.attachments)]
         context = f"{_context(call)}/messages('{call.param('message')}')/attachments"
         return call.json_response({"@odata.context": context, "value": resources})
+
+    def add_attachment(self, call: GraphCall) -> Response:
+        """Attach a file (under 3 MB, as Graph documents) given as a fileAttachment with contentBytes."""
+        message = self.store.find_message(call.mailbox, call.param("message"))
+        item = call.json()
+        if str(item.get("@odata.type", "")).lower() != "#microsoft.graph.fileattachment":
+            raise GraphError(400, "ErrorInvalidParameter", "Only file attachments are supported here.")
+        mail = BytesParser(policy=policy.SMTP).parsebytes(message.raw)
+        assert isinstance(mail, EmailMessage)
+        _add_json_attachment(mail, item)
+        message.replace_raw(mail.as_bytes())
+        self.store.touch(call.mailbox, message)
+        index = len(message.view.attachments) - 1
+        resource = attachment_resource(message, index, message.view.attachments[index])
+        return call.json_response(resource, 201)
 
     def create_upload_session(self, call: GraphCall) -> Response:
         message = self.store.find_message(call.mailbox, call.param("message"))

@@ -9,10 +9,16 @@ here behaves the same against login.microsoftonline.com. Real MSAL for Python wo
 
 Everything lives in memory in one ``SandboxDirectory``; tests change it directly, other processes
 (``postdesk demo``) through the small JSON control API under ``/_sandbox/``.
+
+Faults for the next calls queue up per endpoint, one call each: ``fail_next`` (Microsoft's error body,
+optionally with ``Retry-After``), and for the token endpoint ``answer_next`` (a raw body of any status
+and content type, as a proxy or broken front end sends) and ``delay_next`` (a hang before the normal
+answer). The control API has them as ``fail-next``, ``answer-next`` and ``delay-next``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -279,14 +285,46 @@ class Diagnostics:
 
 @dataclass(frozen=True)
 class InjectedFailure:
+    """An error in Microsoft's own shape (JSON body with AADSTS number, Trace and Correlation IDs)."""
+
     error: str
     aadsts: int | None
     description: str
     status: int
+    # Seconds for a Retry-After header, as Microsoft sends with 429 (throttled) and some 503 answers.
+    retry_after: int | None = None
 
     def as_error(self) -> ProtocolError:
         error_class = PageError if self.aadsts in PAGE_ERROR_CODES else ProtocolError
         return error_class(self.error, self.aadsts, self.description, status=self.status)
+
+
+@dataclass(frozen=True)
+class InjectedAnswer:
+    """A raw answer in place of the token endpoint's own: what a proxy, load balancer or broken front
+    end sends (an HTML error page, a truncated or empty body, JSON that is not an object)."""
+
+    status: int
+    body: bytes = field(repr=False)
+    content_type: str
+    retry_after: int | None = None
+
+    def response(self) -> Response:
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        return Response(self.body, status_code=self.status, media_type=self.content_type, headers=headers)
+
+
+@dataclass(frozen=True)
+class InjectedDelay:
+    """A pause before the call is handled as usual: a client whose timeout is shorter sees a hang.
+
+    The request still runs when the pause ends, as on a slow real server; a refresh token redeemed
+    then stays valid, because Microsoft does not revoke a refresh token when it is used."""
+
+    seconds: float
+
+
+InjectedFault = InjectedFailure | InjectedAnswer | InjectedDelay
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,7 +585,7 @@ class SandboxDirectory:
         self.clock_offset = timedelta(0)
         self.signing_key = SigningKey.generate()
         self.lock = threading.RLock()
-        self._failures: dict[str, deque[InjectedFailure]] = {"authorize": deque(), "token": deque()}
+        self._failures: dict[str, deque[InjectedFault]] = {"authorize": deque(), "token": deque()}
         # Set by `postdesk demo` when a sandbox mail server runs: (mailbox address, raw message) -> None.
         self.mail_delivery: Callable[[str, bytes], None] | None = None
 
@@ -683,15 +721,53 @@ class SandboxDirectory:
     # -- failure injection, revocation, clock --------------------------------------------------
 
     def fail_next(
-        self, endpoint: Endpoint, *, error: str, aadsts: int | None, description: str, status: int = 400
+        self,
+        endpoint: Endpoint,
+        *,
+        error: str,
+        aadsts: int | None,
+        description: str,
+        status: int = 400,
+        retry_after: int | None = None,
     ) -> None:
-        """Make the next call to ``endpoint`` fail with exactly this error; calls queue up."""
-        if endpoint not in self._failures:
-            raise ValueError(f"endpoint must be 'authorize' or 'token', not {endpoint!r}")
-        with self.lock:
-            self._failures[endpoint].append(InjectedFailure(error, aadsts, description, status))
+        """Make the next call to ``endpoint`` fail with exactly this error; calls queue up.
 
-    def take_failure(self, endpoint: Endpoint) -> InjectedFailure | None:
+        ``retry_after`` (token endpoint only) adds a ``Retry-After: <seconds>`` header, as Microsoft
+        sends when it throttles (status 429) or is briefly unavailable (503)."""
+        failure = InjectedFailure(error, aadsts, description, status, retry_after)
+        self._queue(endpoint, failure, token_only=retry_after is not None)
+
+    def answer_next(
+        self,
+        endpoint: Literal["token"],
+        *,
+        status: int,
+        body: bytes | str,
+        content_type: str = "text/html; charset=utf-8",
+        retry_after: int | None = None,
+    ) -> None:
+        """Make the next call to the token endpoint get this raw answer instead of Microsoft's JSON:
+        for example a proxy's HTML error page, a cut-off JSON body, or garbage with status 200."""
+        raw = body.encode("utf-8") if isinstance(body, str) else body
+        self._queue(endpoint, InjectedAnswer(status, raw, content_type, retry_after), token_only=True)
+
+    def delay_next(self, endpoint: Literal["token"], seconds: float) -> None:
+        """Make the next call to the token endpoint wait ``seconds`` before it is answered as usual,
+        so that a client with a shorter timeout sees the endpoint hang."""
+        if not seconds >= 0:
+            raise ValueError("seconds must be zero or more")
+        self._queue(endpoint, InjectedDelay(float(seconds)), token_only=True)
+
+    def _queue(self, endpoint: str, fault: InjectedFault, *, token_only: bool = False) -> None:
+        if endpoint not in self._failures or (token_only and endpoint != "token"):
+            allowed = "'token'" if token_only else "'authorize' or 'token'"
+            raise ValueError(f"endpoint must be {allowed}, not {endpoint!r}")
+        with self.lock:
+            self._failures[endpoint].append(fault)
+
+    def take_failure(self, endpoint: Endpoint) -> InjectedFault | None:
+        """The next queued fault for ``endpoint``, removed from the queue (the authorize endpoint only
+        ever has ``InjectedFailure`` queued)."""
         with self.lock:
             queue = self._failures[endpoint]
             return queue.popleft() if queue else None
@@ -1338,9 +1414,6 @@ GRANTS: Mapping[str, Callable[[TokenRequest, AuthenticatedClient], dict[str, Any
 
 def handle_token_request(request: TokenRequest) -> dict[str, Any]:
     """Run one token request; raises ProtocolError with Microsoft's error for anything refused."""
-    injected = request.directory.take_failure("token")
-    if injected is not None:
-        raise injected.as_error()
     grant_type = request.require("grant_type")
     grant = GRANTS.get(grant_type)
     if grant is None:
@@ -1641,6 +1714,12 @@ class IdentityPlatform:
         if authority is None:
             return self.error_json(request, tenant_not_found(request.path_params["tenant"]))
         fields = _form_fields(await request.form())
+        injected = self.directory.take_failure("token")
+        if isinstance(injected, InjectedDelay):
+            # Asleep without blocking the event loop: the sandbox keeps answering everyone else.
+            await asyncio.sleep(injected.seconds)
+        elif isinstance(injected, InjectedAnswer):
+            return injected.response()
         token_request = TokenRequest(
             directory=self.directory,
             authority=authority,
@@ -1650,9 +1729,14 @@ class IdentityPlatform:
             client_ip=request.client.host if request.client else "127.0.0.1",
         )
         try:
+            if isinstance(injected, InjectedFailure):
+                raise injected.as_error()
             body = handle_token_request(token_request)
         except ProtocolError as exc:
-            return self.error_json(request, exc)
+            response = self.error_json(request, exc)
+            if isinstance(injected, InjectedFailure) and injected.retry_after is not None:
+                response.headers["Retry-After"] = str(injected.retry_after)
+            return response
         correlation = self.diagnostics(request).correlation_id
         return JSONResponse(body, headers={"client-request-id": correlation} | NO_STORE)
 
@@ -1664,6 +1748,7 @@ class IdentityPlatform:
 
     async def authorize(self, request: Request) -> Response:
         injected = self.directory.take_failure("authorize")
+        assert injected is None or isinstance(injected, InjectedFailure)  # fail_next queues only these here
         try:
             if injected is not None and injected.aadsts in PAGE_ERROR_CODES:
                 raise injected.as_error()
@@ -2070,7 +2155,30 @@ class IdentityPlatform:
                 aadsts=int(aadsts) if aadsts is not None else None,
                 description=str(body.get("description", "")),
                 status=int(body.get("status", 400)),
+                retry_after=_optional_int(body.get("retry_after")),
             )
+        except (KeyError, ValueError, TypeError) as exc:
+            return JSONResponse({"error": f"invalid request: {exc}"}, status_code=400)
+        return JSONResponse({"queued": True}, status_code=202)
+
+    async def control_answer_next(self, request: Request) -> Response:
+        body = await _json_object(request)
+        try:
+            self.directory.answer_next(
+                "token",
+                status=int(body["status"]),
+                body=str(body.get("body", "")),
+                content_type=str(body.get("content_type", "text/html; charset=utf-8")),
+                retry_after=_optional_int(body.get("retry_after")),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            return JSONResponse({"error": f"invalid request: {exc}"}, status_code=400)
+        return JSONResponse({"queued": True}, status_code=202)
+
+    async def control_delay_next(self, request: Request) -> Response:
+        body = await _json_object(request)
+        try:
+            self.directory.delay_next("token", float(body["seconds"]))
         except (KeyError, ValueError, TypeError) as exc:
             return JSONResponse({"error": f"invalid request: {exc}"}, status_code=400)
         return JSONResponse({"queued": True}, status_code=202)
@@ -2124,6 +2232,8 @@ class IdentityPlatform:
         control = [
             Route("/_sandbox/apps", self.control_register_app, methods=["POST"]),
             Route("/_sandbox/fail-next", self.control_fail_next, methods=["POST"]),
+            Route("/_sandbox/answer-next", self.control_answer_next, methods=["POST"]),
+            Route("/_sandbox/delay-next", self.control_delay_next, methods=["POST"]),
             Route("/_sandbox/users", self.control_users, methods=["GET"]),
             Route("/_sandbox/users/{user}/revoke-sign-in-sessions", self.control_revoke, methods=["POST"]),
             Route("/_sandbox/clock", self.control_clock, methods=["GET", "POST"]),
@@ -2171,6 +2281,10 @@ def _describe_permission(name: str) -> dict[str, str]:
     resource = next((r for r in RESOURCES if r.names(prefix)), GRAPH)
     description = resource.delegated.get(permission, permission)
     return {"name": permission, "description": description, "resource": resource.display_name}
+
+
+def _optional_int(value: object) -> int | None:
+    return None if value is None else int(str(value))
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

@@ -20,7 +20,9 @@ what aiosmtpd hard-codes):
   SendAsDenied"), and a maximum message size advertised in EHLO SIZE.
 - Accepted mail is recorded in ``accepted``, delivered into Dovecot for recipients the sandbox hosts, and
   copied into the sending mailbox's "Sent Items", as Exchange does for SMTP AUTH submissions.
-- ``fail_next(stage, code, text)`` queues a reply to give instead of the normal one, for tests.
+- ``fail_next(stage, code, text)`` queues a reply to give instead of the normal one, and
+  ``drop_after_data(accepted=...)`` a connection that ends after the message data with no reply at all
+  (the server having taken the message or not), for tests.
 
 Every reply text Exchange is known to send is reproduced word for word, but clients must branch on the
 code and enhanced status code only: Exchange appends diagnostics that change with every reply.
@@ -87,6 +89,8 @@ SEND_AS_DENIED = (
     "Failed to process message due to a permanent exception with message "
     "[BeginDiagnosticData]Cannot submit message. [Hostname={host}]"
 )
+# What a handler returns to close the connection instead of answering (never sent to the client).
+HANG_UP = "\x00hang up"
 
 
 @dataclass(frozen=True)
@@ -156,12 +160,14 @@ class SubmissionServer:
         self._defaults = (challenge_only, max_message_size)
         self._lock = threading.Lock()
         self._faults: dict[str, collections.deque[str]] = {stage: collections.deque() for stage in STAGES}
+        self._drops: collections.deque[bool] = collections.deque()
         self._send_as: dict[str, set[str]] = {}
         self._mailbox_smtp_auth_disabled: dict[str, bool] = {}
         self._tenants_smtp_auth_disabled: set[str] = set()
         self._copy_for_sent_as: set[str] = set()
         self._answers_released = threading.Event()
         self._answers_released.set()
+        self._answers_before_hold = 0
         self._tls: TlsFiles | None = None
         self._controller: _Controller | None = None
 
@@ -239,15 +245,36 @@ class SubmissionServer:
         with self._lock:
             self._faults[stage].append(f"{code} {text}")
 
-    def hold_answers(self) -> None:
+    def drop_after_data(self, *, accepted: bool) -> None:
+        """Close the connection after the next message's data instead of answering it: the moment a
+        client cannot know whether its message went out. ``accepted``: the server took the message
+        (delivered it, filed it in Sent Items) and only the ``250`` was lost; else it never took it.
+        Queued drops are used one message each, after any fault queued for the ``data`` stage."""
+        with self._lock:
+            self._drops.append(accepted)
+
+    def take_drop(self) -> bool | None:
+        with self._lock:
+            return self._drops.popleft() if self._drops else None
+
+    def hold_answers(self, *, after: int = 0) -> None:
         """Accept (deliver, file in Sent Items) as usual, but hold back the ``250`` after DATA until
-        ``release_answers()``: the moment a client dies after the server took its message."""
+        ``release_answers()``: the moment a client dies after the server took its message.
+        ``after``: answer that many more messages first, so the hold starts at a later one."""
+        with self._lock:
+            self._answers_before_hold = after
         self._answers_released.clear()
 
     def release_answers(self) -> None:
+        with self._lock:
+            self._answers_before_hold = 0
         self._answers_released.set()
 
     async def wait_before_answering(self) -> None:
+        with self._lock:
+            if self._answers_before_hold > 0:
+                self._answers_before_hold -= 1
+                return
         while not self._answers_released.is_set():
             await asyncio.sleep(0.05)
 
@@ -299,12 +326,14 @@ class SubmissionServer:
         with self._lock:
             for queue in self._faults.values():
                 queue.clear()
+            self._drops.clear()
             self._send_as.clear()
             self._mailbox_smtp_auth_disabled.clear()
             self._tenants_smtp_auth_disabled.clear()
             self._copy_for_sent_as.clear()
             self.accepted.clear()
             self.challenge_only, self.max_message_size = self._defaults
+            self._answers_before_hold = 0
         self._answers_released.set()
 
     # -- policy (called from the server thread) ------------------------------------------------
@@ -493,7 +522,12 @@ class _SubmissionHandler:
         refusal = self.server.send_as_refusal(submitter.user.upn, envelope.mail_from or "", raw)
         if refusal is not None:
             return refusal
+        drop = self.server.take_drop()
+        if drop is False:
+            return HANG_UP
         self.server.accept(submitter.user.upn, envelope, raw)
+        if drop:
+            return HANG_UP
         await self.server.wait_before_answering()
         message_id = str(BytesHeaderParser(policy=compat32).parsebytes(raw).get("Message-ID", "")).strip()
         return " ".join(["250 2.0.0 OK", *([message_id] if message_id else []), f"[Hostname={SERVER_NAME}]"])
@@ -522,8 +556,12 @@ class _ExchangeSMTP(SMTP):
             self.transport.close()
 
     async def push(self, status: AnyStr) -> None:
-        await super().push(status)
         text = status if isinstance(status, str) else status.decode("ascii", errors="replace")
+        if text == HANG_UP:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super().push(status)
         if text.startswith("421") and self.transport is not None:
             self.transport.close()
 

@@ -18,7 +18,7 @@ from typing import Any
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from postdesk.transports.errors import TransportError, connection_failure
+from postdesk.transports.errors import TransportError, connection_failure, refusal
 
 CONNECT_TIMEOUT = 30.0
 FETCH_BATCH = 50
@@ -71,8 +71,13 @@ class ImapMailbox:
             self._client.oauth2_login(username, access_token)
         except LoginError as exc:
             self.close()
-            raise TransportError(
-                f"the IMAP server refused the sign-in for {username}: {_text(exc)}", needs_reauth=True
+            # Exchange also says NO to a valid token while the mailbox's backend is unavailable.
+            raise refusal(
+                "IMAP",
+                str(exc),
+                action="IMAP sign-in",
+                refused=f"the IMAP server refused the sign-in for {username}",
+                needs_reauth=True,
             ) from exc
         except (OSError, IMAPClientError) as exc:
             self.close()
@@ -115,7 +120,12 @@ class ImapMailbox:
         try:
             state = self.client.select_folder(folder)
         except IMAPClientError as exc:
-            raise TransportError(f"cannot open the folder {folder!r}: {_text(exc)}", permanent=True) from exc
+            raise refusal(
+                "IMAP",
+                str(exc),
+                action=f"opening the folder {folder!r}",
+                refused=f"cannot open the folder {folder!r}",
+            ) from exc
         except OSError as exc:
             raise _failure(f"opening {folder!r}", exc) from exc
         return FolderState(

@@ -15,7 +15,7 @@ import smtplib
 import ssl
 from types import TracebackType
 
-from postdesk.transports.errors import TransportError, connection_failure
+from postdesk.transports.errors import OutcomeUnknown, TransportError, connection_failure
 
 CONNECT_TIMEOUT = 30.0
 # Replies of servers that want the XOAUTH2 response after a 334 challenge rather than on the AUTH line.
@@ -34,10 +34,6 @@ class SmtpRefusal(TransportError):
     @property
     def reply(self) -> str:
         return f"{self.code} {self.text}"
-
-
-class OutcomeUnknown(TransportError):
-    """The connection broke after the message data was sent: the server may or may not have it."""
 
 
 def _host_port(endpoint: str) -> tuple[str, int]:
