@@ -182,7 +182,7 @@ def test_a_crash_after_the_server_accepted_never_sends_twice(
         raise SystemExit("killed between the server's 250 and the bookkeeping")
 
     with monkeypatch.context() as patch:
-        patch.setattr(sender_module._ChannelRun, "_mark_sent", die)
+        patch.setattr(sender_module._ChannelRun, "_record_sent", die)
         with pytest.raises(SystemExit):
             send_due(m365_runtime)
     assert len(smtp_submission.accepted) == 1

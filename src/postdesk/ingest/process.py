@@ -8,13 +8,14 @@ rows are processed again; after it, they are no longer ``stored`` and are never 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import insert, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 from sqlalchemy.orm import Session, load_only
 
 from postdesk.db.models import (
@@ -122,12 +123,18 @@ def process_rows(
     for batch in _batches(rows):
         try:
             counts.merge(_process_batch(runtime, batch, spooled or {}))
-        except SQLAlchemyError:
-            raise  # the database is the problem, not the mail: stop and retry the whole pass later
-        except Exception:
+        except Exception as exc:
+            if _database_trouble(exc):
+                raise  # the database is the problem, not the mail: stop and retry the whole pass later
             for row_id in batch:
                 counts.merge(_process_alone(runtime, row_id, spooled or {}))
     return counts
+
+
+def _database_trouble(exc: Exception) -> bool:
+    # A value the database refuses (too long for its column, a NUL in text) came from the mail and would
+    # fail the same way on every retry, holding up every message behind it: that one is the mail's fault.
+    return isinstance(exc, SQLAlchemyError) and not isinstance(exc, DataError)
 
 
 def _batches(rows: Sequence[StoredRow]) -> Iterator[list[int]]:
@@ -183,14 +190,23 @@ def _process_alone(runtime: Runtime, row_id: int, spooled: Mapping[str, bytes]) 
     counts = ProcessCounts()
     try:
         counts.merge(_process_batch(runtime, [row_id], spooled))
-    except SQLAlchemyError:
-        raise
     except Exception as exc:
-        # A bug or a surprise in the mail must not stop the queue: keep the mail, say what happened.
-        log.exception("inbound message %s could not be processed", row_id)
+        if _database_trouble(exc):
+            raise
+        # A bug, a surprise or an unstorable value in the mail must not stop the queue: keep the mail,
+        # say what happened.
+        _log_failure(row_id, exc)
         _quarantine_after_failure(runtime, row_id, exc)
         counts.add("quarantined")
     return counts
+
+
+def _log_failure(row_id: int, exc: Exception) -> None:
+    if isinstance(exc, DataError):
+        # The driver's words only: the statement's parameters would put the mail's text in the log.
+        log.error("inbound message %s holds a value the database refuses: %s", row_id, exc.orig)
+    else:
+        log.exception("inbound message %s could not be processed", row_id)
 
 
 def _quarantine_after_failure(runtime: Runtime, row_id: int, exc: Exception) -> None:
@@ -199,13 +215,34 @@ def _quarantine_after_failure(runtime: Runtime, row_id: int, exc: Exception) -> 
         if row is None or row.status is not InboundStatus.STORED:
             return
         row.status = InboundStatus.QUARANTINED
-        row.reason = f"Postdesk could not process it ({type(exc).__name__}: {exc})"
+        row.reason = _storable(_failure_reason(exc)[:2000])
         row.processed_at = utcnow()
         try:
-            summary = summary_headers(read_bytes(runtime.settings.spool_dir, row.sha256))
+            summary = _storable_summary(summary_headers(read_bytes(runtime.settings.spool_dir, row.sha256)))
         except OSError:
             return  # the reason is what matters; the admin can still download the message
         row.message_id, row.subject, row.sender = summary.message_id, summary.subject, summary.sender
+
+
+def _failure_reason(exc: Exception) -> str:
+    if isinstance(exc, DataError):
+        # The driver's own words name the problem; the statement and its parameters would repeat the mail.
+        return f"Postdesk could not store it: the database refused one of its values ({exc.orig})"
+    return f"Postdesk could not process it ({type(exc).__name__}: {exc})"
+
+
+# NUL cannot be stored in PostgreSQL text, and a lone surrogate cannot be encoded for any database.
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def _storable(text: str) -> str:
+    return _UNSTORABLE.sub("", text)
+
+
+def _storable_summary(summary: SummaryHeaders) -> SummaryHeaders:
+    """The header fields of a message that was not parsed are raw; parse_message cleans the others."""
+    message_id = _storable(summary.message_id) if summary.message_id else None
+    return SummaryHeaders(message_id or None, _storable(summary.subject), _storable(summary.sender))
 
 
 # --- writing a decided batch -----------------------------------------------------------------------
@@ -232,9 +269,9 @@ def _write(session: Session, runtime: Runtime, decisions: list[Decision]) -> Pro
 def _open_tickets(session: Session, decisions: list[Decision], now: datetime) -> None:
     if not decisions:
         return
-    customers = get_or_create_customers(
-        session, [(person.email, person.name) for person in (_customer_address(_mail(d)) for d in decisions)]
-    )
+    people = (_customer_address(_mail(decision)) for decision in decisions)
+    # Customer.display_name holds 200 characters; a sender's name can be as long as a header.
+    customers = get_or_create_customers(session, [(person.email, person.name[:200]) for person in people])
     drafts = [
         TicketDraft(
             title=_mail(decision).subject or "(no subject)",
@@ -332,7 +369,7 @@ def _summary(inbound: Inbound) -> SummaryHeaders:
     """What the quarantine list shows: from the parsed message, or from the header alone if unparsed."""
     mail = inbound.mail
     if mail is None:
-        return summary_headers(inbound.raw)
+        return _storable_summary(summary_headers(inbound.raw))
     return SummaryHeaders(
         message_id=mail.message_id[:998] if mail.message_id else None,
         subject=mail.subject[:500],

@@ -177,11 +177,8 @@ class _TolerantPolicy(_EmailPolicy):
             # Subject, Message-ID, Date and References differ in every message: building the stdlib's
             # token tree for them was a good part of the parse time, for text Postdesk already has.
             return _LINE_BREAK.sub("", value)
-        header, parsed = (
-            _structured_header(name, value)
-            if len(value) <= _CACHED_HEADER_CHARS and name.lower() in _RECURRING_HEADERS
-            else _parse_structured_header(name, value)
-        )
+        cached = len(value) <= _CACHED_HEADER_CHARS and name.lower() in _RECURRING_HEADERS
+        header, parsed = _parse_structured_header(name, value, cached=cached)
         if not parsed:
             self.notes.append(f"{name} header could not be parsed; read it the compat32 way")
         return header
@@ -219,10 +216,11 @@ def _read_as_text(name: str, value: str) -> bool:
     return lowered == "message-id" or issubclass(header_class, email.headerregistry.UnstructuredHeader)
 
 
-def _parse_structured_header(name: str, value: str) -> tuple[Any, bool]:
+def _parse_structured_header(name: str, value: str, *, cached: bool) -> tuple[Any, bool]:
     """The ``policy.default`` header object, or the compat32 text and False if its parser failed."""
     try:
-        return email_policy.default.header_fetch_parse(name, value), True
+        parse = _cached_default_header if cached else email_policy.default.header_fetch_parse
+        return parse(name, value), True
     except Exception:  # any bug in the default header parser must not lose the message
         return _compat32_header_text(value), False
 
@@ -240,7 +238,15 @@ _RECURRING_HEADERS = frozenset(
         "content-transfer-encoding",
     }
 )  # fmt: skip
-_structured_header = functools.lru_cache(maxsize=4096)(_parse_structured_header)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_default_header(name: str, value: str) -> Any:
+    # Only headers that parsed are kept (lru_cache stores no exception): a failure can be the call
+    # stack's fault rather than the header's, when a MIME tree hundreds of levels deep is read, and
+    # a cached failure would then change how every later message with that header line is read.
+    return email_policy.default.header_fetch_parse(name, value)
+
 
 _MAX_STRUCTURED_HEADER_CHARS = 16 * 1024
 _STRUCTURED_PARSER_BUDGET = 512 * 1024
@@ -504,7 +510,8 @@ def _content_id(part: Message) -> str | None:
 
 # --- reading one part ------------------------------------------------------------------------------
 
-_CONTENT_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
+# RFC 6838 §4.2: type and subtype names are at most 127 characters each.
+_CONTENT_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 
 
 def _content_type(part: Message) -> str:
@@ -587,10 +594,15 @@ def _codecs_for(label: str) -> tuple[str, ...]:
         return ()
     try:
         name = codecs.lookup(label).name
-        b"a".decode(name, "replace")  # refuses bytes-to-bytes codecs such as base64 and zlib
     except LookupError:
         return ()
-    return () if name in _REFUSED_CODECS else (name,)
+    if name in _REFUSED_CODECS:  # before the probe below: "idna" and "undefined" raise UnicodeError there
+        return ()
+    try:
+        b"a".decode(name, "replace")  # refuses bytes-to-bytes codecs such as base64 and zlib
+    except (LookupError, UnicodeError):
+        return ()
+    return (name,)
 
 
 def _prefer_utf8(payload: bytes, text: str, codec: str, label: str, notes: list[str]) -> str:
@@ -729,8 +741,8 @@ _DOMAIN = re.compile(r"[^\s@<>()\[\],;:\\\"]+")
 
 def _make_address(display_name: str, addr_spec: str) -> Address | None:
     local, at, domain = _clean_text(addr_spec).strip().rpartition("@")
-    if not at or not local or not _DOMAIN.fullmatch(domain) or ".." in domain:
-        return None
+    if not at or not local or not _DOMAIN.fullmatch(domain) or ".." in domain or len(domain) > 255:
+        return None  # RFC 5321 §4.5.3.1.2: a domain is at most 255 characters
     if any(character.isspace() or character in "<>" for character in local) or len(local) > 64:
         return None
     return Address(name=_fold_whitespace(_clean_text(display_name)), email=f"{local}@{domain.lower()}")
@@ -751,7 +763,10 @@ def _date(root: Message, notes: list[str]) -> datetime | None:
 
 # --- message ids -----------------------------------------------------------------------------------
 
-_BRACKETED_ID = re.compile(r"<([^<>\s]{1,998})>")
+# Ids are kept with their angle brackets, which count towards MAX_MESSAGE_ID_CHARS too.
+_MAX_ID_INSIDE_BRACKETS = MAX_MESSAGE_ID_CHARS - 2
+# Control characters are no part of an id; NUL in particular cannot even be a PostgreSQL query parameter.
+_BRACKETED_ID = re.compile(rf"<([^<>\s\x00-\x1f\x7f]{{1,{_MAX_ID_INSIDE_BRACKETS}}})>")
 _TOKEN_SEPARATORS = re.compile(r"[\s<>,;\"()]+")
 
 
@@ -759,7 +774,11 @@ def find_message_ids(value: str) -> list[str]:
     """All message ids in a header value, as ``<id>``; bare ``id@host`` tokens if none are bracketed."""
     found = [f"<{match}>" for match in _BRACKETED_ID.findall(value)]
     if not found:
-        found = [f"<{token}>" for token in addresses_in(value) if len(token) <= MAX_MESSAGE_ID_CHARS]
+        found = [
+            f"<{token}>"
+            for token in addresses_in(value)
+            if len(token) <= _MAX_ID_INSIDE_BRACKETS and not _CONTROL.search(token)
+        ]
     return found
 
 

@@ -49,6 +49,10 @@ BACKOFF = (
     timedelta(hours=2),
     timedelta(hours=4),
 )
+# Rows the server accepted are recorded in groups of this many (one commit each): a commit per message
+# cost more than sending it.
+SENT_GROUP = 50
+SENT_GROUP_WAIT = timedelta(seconds=1)  # and no later than this after the first of a group was accepted
 MAX_ATTEMPTS = 12  # about a day of trying before a transient failure becomes a failure
 WAIT_FOR_MAILBOX = timedelta(minutes=15)
 
@@ -108,10 +112,12 @@ def _due(now: datetime, *, include_waiting: bool) -> ColumnElement[bool]:
 
 
 def _claim(runtime: Runtime, *, include_waiting: bool, limit: int) -> list[tuple[int, int | None, bool]]:
-    """Take up to ``limit`` due rows: (id, channel id, in doubt = an earlier attempt may have sent it)."""
+    """Take up to ``limit`` due rows: (id, channel id, in doubt = an earlier attempt may have sent it).
+
+    One conditional UPDATE takes them all; RETURNING says which it got, since another worker may have
+    taken some of them between the SELECT and the UPDATE."""
     now = utcnow()
     due = _due(now, include_waiting=include_waiting)
-    claimed = []
     with runtime.sessions() as session:
         candidates = session.execute(
             select(OutboundMessage.id, OutboundMessage.channel_id, OutboundMessage.status)
@@ -119,22 +125,28 @@ def _claim(runtime: Runtime, *, include_waiting: bool, limit: int) -> list[tuple
             .order_by(OutboundMessage.next_attempt_at, OutboundMessage.id)
             .limit(limit)
         ).all()
-        for row_id, channel_id, status in candidates:
-            taken = session.execute(
+        if not candidates:
+            return []
+        taken = set(
+            session.scalars(
                 update(OutboundMessage)
-                .where(OutboundMessage.id == row_id, due)
+                .where(OutboundMessage.id.in_([row_id for row_id, _channel, _status in candidates]), due)
                 .values(
                     status=DeliveryStatus.SENDING,
                     lease_until=now + LEASE,
                     last_attempt_at=now,
                     attempts=OutboundMessage.attempts + 1,
                 )
+                .returning(OutboundMessage.id)
                 .execution_options(synchronize_session=False)
             )
-            if getattr(taken, "rowcount", 0) == 1:  # another worker may have taken it meanwhile
-                claimed.append((row_id, channel_id, status is DeliveryStatus.SENDING))
+        )
         session.commit()
-    return claimed
+    return [
+        (row_id, channel_id, status is DeliveryStatus.SENDING)
+        for row_id, channel_id, status in candidates
+        if row_id in taken
+    ]
 
 
 class _ChannelRun:
@@ -158,6 +170,7 @@ class _ChannelRun:
         self.mailbox = mailbox
         self.email = ""
         self.login_name = ""
+        self._sent: list[tuple[int, str, datetime]] = []  # accepted by the server, not yet recorded
 
     def run(self) -> None:
         try:
@@ -246,10 +259,25 @@ class _ChannelRun:
             except TransportError as exc:
                 self._retry_later(row_ids, str(exc))
                 return
-            for position, row_id in enumerate(row_ids):
-                if not self._send_one(smtp, row_id):
-                    self._retry_later(row_ids[position + 1 :], "the connection to the SMTP server broke")
-                    return
+            with self.runtime.sessions() as session:
+                envelopes = {
+                    row_id: (mail_from, recipients.split("\n"), sha256)
+                    for row_id, mail_from, recipients, sha256 in session.execute(
+                        select(
+                            OutboundMessage.id,
+                            OutboundMessage.mail_from,
+                            OutboundMessage.recipients,
+                            OutboundMessage.sha256,
+                        ).where(OutboundMessage.id.in_(row_ids))
+                    )
+                }
+            try:
+                for position, row_id in enumerate(row_ids):
+                    if not self._send_one(smtp, row_id, *envelopes[row_id]):
+                        self._retry_later(row_ids[position + 1 :], "the connection to the SMTP server broke")
+                        return
+            finally:
+                self._record_sent()
 
     def _login(self, smtp: SmtpSubmission, token: str) -> None:
         try:
@@ -261,40 +289,68 @@ class _ChannelRun:
             smtp.close()
             smtp.login(self.login_name, self._token(force=True))
 
-    def _send_one(self, smtp: SmtpSubmission, row_id: int) -> bool:
+    def _send_one(
+        self, smtp: SmtpSubmission, row_id: int, mail_from: str, recipients: list[str], sha256: str
+    ) -> bool:
         """Send one row; False when the connection is unusable afterwards."""
-        with self.runtime.sessions() as session:
-            row = session.get(OutboundMessage, row_id)
-            assert row is not None
-            raw = read_bytes(self.runtime.settings.spool_dir, row.sha256)
-            mail_from, recipients = row.mail_from, row.recipients.split("\n")
+        try:
+            raw = read_bytes(self.runtime.settings.spool_dir, sha256)
+        except OSError as exc:
+            self._record_sent()  # the rows sent so far, before this row's outcome
+            self._fail(
+                [row_id],
+                DeliveryExplanation(
+                    title="The composed message cannot be read from the spool",
+                    fix=f"check the disk that holds POSTDESK_DATA_DIR ({exc.strerror or exc})",
+                    retry=Retry.NO,
+                ),
+                "",
+            )
+            return True
         try:
             reply = smtp.send(mail_from, recipients, raw)
         except SmtpRefusal as refusal:
+            self._record_sent()
             self._refused([row_id], refusal)
             # A 421 closes the connection (RFC 5321 3.8), whatever the stage: the rest of the pass
             # waits for the next one instead of failing on the closed socket with smtplib's words.
             return refusal.stage != "connect" and refusal.code != 421
         except OutcomeUnknown as exc:
+            self._record_sent()
             self._hold_in_doubt([row_id], str(exc), delay=OUTCOME_CHECK_DELAY)
             return False
         except TransportError as exc:
+            self._record_sent()
             self._retry_later([row_id], str(exc))
             return False
-        self._mark_sent(row_id, reply)
+        self._sent.append((row_id, reply, utcnow()))
+        if len(self._sent) >= SENT_GROUP or utcnow() - self._sent[0][2] > SENT_GROUP_WAIT:
+            self._record_sent()
         return True
 
     # -- bookkeeping
+
+    def _record_sent(self) -> None:
+        """Commit the rows the server accepted since the last call, in one transaction.
+
+        Committing in groups is safe: a row accepted but not yet recorded when the process dies is
+        still SENDING when its lease runs out, and is looked for in Sent Items before any resend."""
+        if not self._sent:
+            return
+        accepted, self._sent = self._sent, []
+        outcomes = {row_id: (reply, when) for row_id, reply, when in accepted}
+        with self.runtime.sessions() as session:
+            for row in session.scalars(select(OutboundMessage).where(OutboundMessage.id.in_(outcomes))):
+                _mark(row, *outcomes[row.id])
+            session.commit()
+        self.report.sent += len(accepted)
+        log.info("sent %d outbound message(s) through channel %s", len(accepted), self.channel_id)
 
     def _mark_sent(self, row_id: int, reply: str, *, already: bool = False) -> None:
         with self.runtime.sessions() as session:
             row = session.get(OutboundMessage, row_id)
             assert row is not None
-            row.status = DeliveryStatus.SENT
-            row.sent_at = utcnow()
-            row.lease_until = None
-            row.server_reply = reply[:1000]
-            row.last_error = None
+            _mark(row, reply, utcnow())
             session.commit()
         if already:
             self.report.already_sent += 1
@@ -380,6 +436,14 @@ class _Wait(Exception):
         super().__init__(reason)
         self.reason = reason
         self.delay = delay
+
+
+def _mark(row: OutboundMessage, reply: str, when: datetime) -> None:
+    row.status = DeliveryStatus.SENT
+    row.sent_at = when
+    row.lease_until = None
+    row.server_reply = reply[:1000]
+    row.last_error = None
 
 
 def _finish(

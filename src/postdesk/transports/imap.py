@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
+import re
 import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -193,32 +194,61 @@ class ImapMailbox:
     def supports_idle(self) -> bool:
         return bool(self._call("reading capabilities", self.client.has_capability, "IDLE"))
 
-    def start_idle(self) -> None:
-        """Enter IDLE: from now on the server pushes news of the open folder until ``end_idle``."""
+    def start_idle(self) -> IdleNews:
+        """Enter IDLE: from now on the server pushes news of the open folder until ``end_idle``.
+
+        Returns news that came with the server's answer: an EXISTS sent just before the continuation
+        is filed by imaplib among its untagged responses, and one sent in the same packet sits in the
+        read buffer, where no selector will see it."""
+        imap = self.client._imap  # IMAPClient keeps the imaplib connection there
+        for kind in ("EXISTS", "RECENT"):  # SELECT's own counts, not news
+            imap.untagged_responses.pop(kind, None)
         self._call("starting IDLE", self.client.idle)
+        filed = any(imap.untagged_responses.pop(kind, None) for kind in ("EXISTS", "RECENT"))
+        buffered = self.idle_news()
+        return IdleNews(new_mail=filed or buffered.new_mail, goodbye=buffered.goodbye)
 
     def idle_socket(self) -> Any:
         """The socket to wait on (with a selector) while idling; readable means the server said something."""
         return self.client.socket()
 
     def idle_news(self) -> IdleNews:
-        """Read what the server pushed while idling, without blocking: call when the socket is readable."""
-        return _news(self._call("reading IDLE news", self.client.idle_check, timeout=0))
+        """Read what the server pushed while idling, without waiting: call when the socket is readable.
+        Raises ``TransportError`` when the server has closed the connection."""
+        imap = self.client._imap
+        sock = self.client.socket()
+        lines = []
+        try:
+            sock.setblocking(False)
+            while True:
+                try:
+                    line = imap.readline()
+                except OSError:  # nothing more for now (SSLWantReadError, EAGAIN)
+                    break
+                if not line:
+                    raise TransportError("the IMAP server closed the connection")
+                lines.append(line)
+        except ValueError as exc:  # the connection was closed under us
+            raise _failure("reading IDLE news", exc) from exc
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sock.settimeout(self._timeout)
+        return _news(lines)
 
     def end_idle(self) -> IdleNews:
         """Leave IDLE (DONE). Mail that arrives while IDLE ends is announced in the answer to DONE, and
         only there: the next IDLE will not mention it again, so the news is returned."""
         _text, closing = self._call("ending IDLE", self.client.idle_done)
-        return _news(closing)
+        return _parsed_news(closing)
 
     def wait_for_change(self, timeout: float) -> bool:
         """IDLE for up to ``timeout`` seconds on this thread; True when the server announced new mail."""
-        self.start_idle()
+        started = self.start_idle()
         try:
-            news = _news(self._call("waiting in IDLE", self.client.idle_check, timeout=timeout))
+            news = _parsed_news(self._call("waiting in IDLE", self.client.idle_check, timeout=timeout))
         finally:
             closing = self.end_idle()
-        return news.new_mail or closing.new_mail
+        return started.new_mail or news.new_mail or closing.new_mail
 
     def abort(self) -> None:
         """Drop the connection from another thread, e.g. to end an IDLE wait at shutdown."""
@@ -250,15 +280,25 @@ class ImapMailbox:
 class IdleNews:
     new_mail: bool  # EXISTS or RECENT: something arrived
     goodbye: bool  # BYE: the server is closing the session
-    heard: bool  # the server said anything at all (a readable socket with nothing in it has closed)
 
 
-def _news(responses: Sequence[Any]) -> IdleNews:
+_NEW_MAIL = re.compile(rb"^\* \d+ (EXISTS|RECENT)\b", re.IGNORECASE)
+_GOODBYE = re.compile(rb"^\* BYE\b", re.IGNORECASE)
+
+
+def _news(lines: Sequence[bytes]) -> IdleNews:
+    """News in raw untagged lines ("* 12 EXISTS", "* BYE …")."""
+    return IdleNews(
+        new_mail=any(_NEW_MAIL.match(line) for line in lines),
+        goodbye=any(_GOODBYE.match(line) for line in lines),
+    )
+
+
+def _parsed_news(responses: Sequence[Any]) -> IdleNews:
+    """News in responses as IMAPClient parses them: (12, b"EXISTS"), (b"BYE", …)."""
     kinds = {item[1] for item in responses if isinstance(item, tuple) and len(item) > 1}
     kinds |= {item[0] for item in responses if isinstance(item, tuple) and item}
-    return IdleNews(
-        new_mail=bool(kinds & {b"EXISTS", b"RECENT"}), goodbye=b"BYE" in kinds, heard=bool(responses)
-    )
+    return IdleNews(new_mail=bool(kinds & {b"EXISTS", b"RECENT"}), goodbye=b"BYE" in kinds)
 
 
 def _aware(moment: datetime) -> datetime:

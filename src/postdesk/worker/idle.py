@@ -199,9 +199,6 @@ class IdleHub:
             self.on_new_mail(watch.channel_id)
         if news.goodbye:
             self._broken(watch, TransportError("the server ended the IDLE session"))
-        elif not news.heard:
-            # Readable with nothing to read: closed, or a partial line. A renewal finds out which.
-            watch.due = 0.0
 
     def _broken(self, watch: IdleWatch, exc: BaseException) -> None:
         self._detach(watch)
@@ -322,7 +319,8 @@ class IdleHub:
         if not mailbox.supports_idle():
             return None
         state = mailbox.open(folder)
-        mailbox.start_idle()
+        if mailbox.start_idle().new_mail:
+            self.on_new_mail(watch.channel_id)
         watch.session_ends = time.monotonic() + _jittered(SESSION_SECONDS)
         # Mail that arrived while nobody watched is not announced by IDLE: UIDNEXT tells of it. (Before
         # the first fetch there is nothing to compare with, and the scheduler fetches anyway.)
@@ -334,8 +332,6 @@ class IdleHub:
     def _renew(self, watch: IdleWatch) -> ImapMailbox:
         mailbox = watch.opening
         assert mailbox is not None
-        news = mailbox.end_idle()
-        if news.new_mail:
+        if mailbox.end_idle().new_mail | mailbox.start_idle().new_mail:
             self.on_new_mail(watch.channel_id)
-        mailbox.start_idle()
         return mailbox
