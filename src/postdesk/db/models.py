@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -283,6 +284,10 @@ class Channel(Base):
     transport: Mapped[Transport] = mapped_column(
         _enum(Transport, "channel_transport"), default=Transport.IMAP
     )
+    # A shared mailbox: ``email`` is the shared address, ``account_username`` the delegate who signed in
+    # (FullAccess to read, SendAs to reply). App-only: no one signs in; the app's own permissions.
+    shared: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    app_only: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     status: Mapped[ChannelStatus] = mapped_column(
         _enum(ChannelStatus, "channel_status"), default=ChannelStatus.OK
     )
@@ -303,6 +308,9 @@ class Channel(Base):
     imap_uidvalidity: Mapped[int | None] = mapped_column(BigInteger)
     imap_baseline_uid: Mapped[int | None] = mapped_column(BigInteger)
     imap_last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Graph: the folder read (its id) and the delta link that says where the last round ended.
+    graph_folder_id: Mapped[str | None] = mapped_column(String(512))
+    graph_delta_link: Mapped[str | None] = mapped_column(Text)
     backlog_policy: Mapped[BacklogPolicy] = mapped_column(
         _enum(BacklogPolicy, "backlog_policy"), default=BacklogPolicy.UNREAD
     )
@@ -355,6 +363,8 @@ class InboundMessage(Base):
     message_id: Mapped[str | None] = mapped_column(String(998), index=True)
     subject: Mapped[str] = mapped_column(Text, default="")
     sender: Mapped[str] = mapped_column(Text, default="")
+    # Graph: the message's id in the mailbox (the uid is derived from it, the key stays unique).
+    remote_id: Mapped[str | None] = mapped_column(String(512))
     # Whether the server copy has been flagged \Seen or deleted as the channel asks.
     server_done: Mapped[bool] = mapped_column(Boolean, default=False)
     article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id", ondelete="SET NULL"))
@@ -463,6 +473,8 @@ class ApiToken(Base):
     expires_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    # "read": GET only; "write": whatever its owner may do.
+    scope: Mapped[str] = mapped_column(String(16), default="write", server_default="write")
 
     user: Mapped[User] = relationship()
 
