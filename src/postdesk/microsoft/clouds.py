@@ -72,6 +72,19 @@ class Endpoints:
         ]
 
 
+    @property
+    def graph_scopes(self) -> list[str]:
+        # Delegated Graph permissions for a help desk: its own or a shared mailbox, read and send.
+        return [f"{self.cloud.graph_url}/{name}" for name in GRAPH_MAIL_PERMISSIONS]
+
+    def scopes_for(self, transport: str) -> list[str]:
+        """The resource scopes a mailbox on ``transport`` ("imap" or "graph") needs its tokens for."""
+        return self.graph_scopes if transport == "graph" else self.outlook_scopes
+
+
+GRAPH_MAIL_PERMISSIONS = ("Mail.ReadWrite", "Mail.Send", "Mail.ReadWrite.Shared", "Mail.Send.Shared")
+
+
 def endpoints_for(settings: Settings, cloud_name: str | None = None) -> Endpoints:
     cloud = CLOUDS[cloud_name or settings.microsoft_cloud]
     return Endpoints(
