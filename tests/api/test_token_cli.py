@@ -44,7 +44,8 @@ def test_token_create_json_and_list_json_never_show_the_secret_again(runtime: Ru
     assert listed.returncode == 0, listed.stderr
     [row] = json.loads(listed.stdout)
     assert set(row) == {
-        "id", "user", "name", "prefix", "status", "created_at", "expires_at", "last_used_at", "revoked_at"
+        "id", "user", "name", "prefix", "scope", "status", "created_at", "expires_at", "last_used_at",
+        "revoked_at",
     }  # fmt: skip
     assert token["token"] not in listed.stdout
     assert row["id"] == token["id"]

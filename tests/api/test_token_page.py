@@ -14,11 +14,10 @@ from tests.conftest import ADMIN_PASSWORD, AGENT_PASSWORD, csrf_from, sign_in
 SECRET = re.compile(r'value="(pd_[\w-]{40})"')
 
 
-def _create(client: TestClient, name: str, expires: str = "90") -> str:
+def _create(client: TestClient, name: str, expires: str = "90", scope: str = "write") -> str:
     page = client.get("/account/api-tokens")
-    response = client.post(
-        "/account/api-tokens", data={"name": name, "expires": expires, "csrf_token": csrf_from(page.text)}
-    )
+    form = {"name": name, "expires": expires, "scope": scope, "csrf_token": csrf_from(page.text)}
+    response = client.post("/account/api-tokens", data=form)
     assert response.status_code == 201, response.text
     assert response.headers["cache-control"] == "no-store"
     found = SECRET.search(response.text)
@@ -54,9 +53,10 @@ def test_the_list_shows_last_use_and_expiry(client: TestClient, admin: User) -> 
         for cell in re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.S)
     ]
     assert cells[0] == "Forever"
-    assert cells[3].endswith("UTC")  # last used
-    assert cells[4] == "never"  # expires
-    assert cells[5] == "active"
+    assert cells[2] == "Read and write"  # access
+    assert cells[4].endswith("UTC")  # last used
+    assert cells[5] == "never"  # expires
+    assert cells[6] == "active"
 
 
 def test_revoking_on_the_page_shuts_the_token_out(client: TestClient, admin: User) -> None:

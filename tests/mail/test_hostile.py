@@ -379,22 +379,44 @@ def test_a_zip_bomb_is_stored_as_sent_and_never_unpacked(
 # --- forged Postdesk and loop headers ---------------------------------------------------------------
 
 
-def test_a_customers_forged_x_loop_naming_the_desk_is_quarantined_visibly_never_dropped(
+def test_a_customers_forged_x_loop_naming_the_desk_becomes_a_ticket_marked_automatic(
     bench: IngestBench, runtime: Runtime, agent: TestClient
 ) -> None:
-    raw = hostile_bytes("forged-x-loop.eml")
+    # Postdesk writes no X-Loop, so a loop header naming the desk proves nothing: the mail becomes a
+    # ticket, marked automatic with the headers as the reason, so it is never answered automatically.
+    article = article_of(runtime, ingest(bench, hostile_bytes("forged-x-loop.eml")))
+    assert article.ticket.title == "Our VPN is down"
+    assert article.ticket.customer.email == "olga@customer.example"
+    assert article.auto_generated
+    assert article.classification == (
+        "x-loop names our address, x-ms-exchange-inbox-rules-loop names our address"
+    )
+    page = ticket_page(agent, article)
+    assert "Automatic mail" in page and 'title="x-loop names our address, ' in page
+
+
+def test_mail_from_the_desks_own_address_is_quarantined_naming_the_rule_and_an_admin_can_release_it(
+    bench: IngestBench, runtime: Runtime, agent: TestClient
+) -> None:
+    raw = hostile_bytes("forged-x-loop.eml").replace(
+        b"From: Olga Customer <olga@customer.example>", b"From: Contoso Support <SUPPORT@contoso.com>"
+    )
     ending = ingest(bench, raw)
-    # The loop rule treats X-Loop naming the desk as the desk's own mail coming back: no ticket, so that
-    # mailboxes cannot answer each other forever. The mail is kept whole, listed and can be downloaded.
-    assert ending.status is InboundStatus.QUARANTINED
-    assert ending.reason and ending.spooled == raw
+    assert ending.status is InboundStatus.QUARANTINED and ending.spooled == raw
+    assert ending.reason.startswith(
+        "sent by one of Postdesk's own mailboxes and not part of a known ticket: From is support@contoso.com."
+    )
     with runtime.sessions() as session:
         row = session.scalars(select(InboundMessage)).one()
-    assert (row.subject, row.sender) == ("Our VPN is down", "Olga Customer <olga@customer.example>")
     assert "Our VPN is down" in agent.get("/quarantine").text
     assert agent.get(f"/quarantine/{row.id}/raw").content == raw
-    again, _ = reprocess(runtime, row.id)
-    assert again is not None and again.status is InboundStatus.QUARANTINED
+    # Re-running the rules alone gives the same verdict; the admin's reprocess overrides it.
+    again, _ = reprocess(runtime, row.id, override_loop=False)
+    assert again is not None and (again.status, again.reason) == (InboundStatus.QUARANTINED, ending.reason)
+    released, counts = reprocess(runtime, row.id)
+    assert released is not None and released.status is InboundStatus.PROCESSED
+    assert counts.tickets == 1
+    assert released.reason and released.reason.startswith("opened ticket")
 
 
 def test_a_forged_x_postdesk_ticket_header_alone_changes_nothing(
@@ -412,32 +434,21 @@ def test_a_forged_x_postdesk_ticket_header_alone_changes_nothing(
     assert not article.auto_generated
 
 
-def test_a_strangers_forged_ticket_number_is_shown_with_the_strangers_own_address(
-    bench: IngestBench, runtime: Runtime
-) -> None:
-    # The threading rule: a subject naming [Ticket#N] of an existing ticket makes the mail a follow-up of
-    # it, whoever sent it (as in Zammad). The agent can tell: the article shows the stranger's address.
-    victim = article_of(runtime, ingest(bench, b"From: victim@example.org\r\nSubject: Password\r\n\r\nHelp."))
-    assert victim.ticket.number == FIRST_TICKET
-    article = article_of(runtime, ingest(bench, hostile_bytes("forged-ticket-number.eml")))
-    assert article.ticket.number == FIRST_TICKET
-    assert article.sender == "Mallory <mallory@attacker.example>"
-    assert article.ticket.customer.email == "victim@example.org"  # the ticket still belongs to the victim
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #9: follow_up_by_ticket_number attaches mail naming a ticket number whoever sends it",
-)
 def test_a_stranger_naming_another_customers_ticket_number_gets_a_ticket_of_their_own(
     bench: IngestBench, runtime: Runtime
 ) -> None:
+    # Were the number enough, the stranger's mail would reopen the victim's ticket and the agent's reply
+    # would go to the stranger with the conversation quoted (more in tests/ingest/).
     article_of(runtime, ingest(bench, b"From: victim@example.org\r\nSubject: Password\r\n\r\nHelp."))
     with runtime.sessions.begin() as session:  # closed: the forged mail would reopen it, too
         session.execute(update(Ticket).values(state=TicketState.CLOSED))
     article = article_of(runtime, ingest(bench, hostile_bytes("forged-ticket-number.eml")))
     assert article.ticket.number != FIRST_TICKET
     assert article.ticket.customer.email == "mallory@attacker.example"
+    assert article.sender == "Mallory <mallory@attacker.example>"
+    with runtime.sessions() as session:
+        victim = session.scalars(select(Ticket).where(Ticket.number == FIRST_TICKET)).one()
+        assert (victim.state, len(victim.articles)) == (TicketState.CLOSED, 1)
 
 
 # --- values that only PostgreSQL refuses -------------------------------------------------------------
@@ -486,16 +497,10 @@ def test_a_bounce_quoting_a_message_id_with_a_nul_byte_is_judged_like_any_bounce
 
 
 def test_a_ticket_number_too_large_for_the_ticket_number_column_opens_a_ticket_on_every_database(
-    db_bench: IngestBench, db_runtime: Runtime, request: pytest.FixtureRequest
+    db_bench: IngestBench,
 ) -> None:
-    if db_runtime.engine.dialect.name == "postgresql":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="issue #9: numbers up to 18 digits are looked up in tickets.number, a 32-bit integer "
-                "column, and PostgreSQL refuses the query (integer out of range); the message is quarantined",
-            )
-        )
+    # Issue #9: numbers up to 18 digits were looked up in tickets.number, a 32-bit integer column, and
+    # PostgreSQL refused the query (integer out of range), so the message was quarantined.
     ending = ingest(db_bench, b"From: a@example.org\r\nSubject: Re: [Ticket#99999999999] Help\r\n\r\nx")
     assert ending.status is InboundStatus.PROCESSED
 

@@ -13,7 +13,15 @@ from postdesk.cli.common import console, errors, fail, print_json, start
 from postdesk.db.models import ApiToken
 from postdesk.db.session import transaction
 from postdesk.db.types import utcnow
-from postdesk.security.api_tokens import TokenError, create_token, list_tokens, revoke_token, token_status
+from postdesk.security.api_tokens import (
+    TokenError,
+    TokenScope,
+    create_token,
+    list_tokens,
+    parse_scope,
+    revoke_token,
+    token_status,
+)
 from postdesk.tickets.people import find_user
 
 app = typer.Typer(help="Personal REST API tokens.", no_args_is_help=True)
@@ -25,6 +33,7 @@ def token_json(token: ApiToken) -> dict[str, Any]:
         "user": token.user.email,
         "name": token.name,
         "prefix": token.prefix,
+        "scope": token.scope,
         "status": token_status(token),
         "created_at": token.created_at,
         "expires_at": token.expires_at,
@@ -37,12 +46,20 @@ def token_json(token: ApiToken) -> dict[str, Any]:
 def create(
     email: Annotated[str, typer.Argument(help="Whose token: the agent's or admin's address.")],
     name: Annotated[str, typer.Option(help="What the token is for, e.g. 'CRM sync'.")],
+    scope: Annotated[
+        str,
+        typer.Option(help="read: GET only, changes nothing; write: whatever that person may do."),
+    ] = TokenScope.WRITE.value,
     expires_days: Annotated[
         int | None, typer.Option(min=1, help="Expire after this many days (default: never).")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON (stable).")] = False,
 ) -> None:
-    """Create a token and print it once; it acts with that person's permissions."""
+    """Create a token and print it once; it acts with that person's permissions, or only reads."""
+    try:
+        chosen_scope = parse_scope(scope)
+    except TokenError as exc:
+        fail(f"--scope: {exc}", code=2)  # a wrong argument, like a usage error
     runtime = start()
     expires_at = utcnow() + timedelta(days=expires_days) if expires_days else None
     try:
@@ -50,7 +67,7 @@ def create(
             user = find_user(session, email)
             if user is None:
                 fail(f"there is no user {email}")
-            created = create_token(session, user, name=name, expires_at=expires_at)
+            created = create_token(session, user, name=name, scope=chosen_scope, expires_at=expires_at)
             shown = {**token_json(created.token), "token": created.secret}
     except TokenError as exc:
         fail(str(exc))
@@ -59,7 +76,9 @@ def create(
         return
     # Only the token on stdout, so `TOKEN=$(postdesk token create …)` works; the advice goes to stderr.
     sys.stdout.write(shown["token"] + "\n")
-    errors.print(f"Token {shown['id']} for {shown['user']}. Copy it now: it cannot be shown again.")
+    errors.print(
+        f"Token {shown['id']} ({shown['scope']}) for {shown['user']}. Copy it now: it cannot be shown again."
+    )
 
 
 @app.command("list")
@@ -79,13 +98,14 @@ def list_command(
     if json_output:
         print_json(rows)
         return
-    table = Table("ID", "User", "Name", "Token", "Status", "Created", "Last used", "Expires")
+    table = Table("ID", "User", "Name", "Token", "Scope", "Status", "Created", "Last used", "Expires")
     for row in rows:
         table.add_row(
             str(row["id"]),
             row["user"],
             row["name"],
             f"{row['prefix']}…",
+            row["scope"],
             row["status"],
             _day(row["created_at"]),
             _day(row["last_used_at"]) or "never",

@@ -27,6 +27,7 @@ from postdesk.db.models import (
     ChannelStatus,
     InboundMessage,
     InboundStatus,
+    Transport,
 )
 from postdesk.db.session import insert_ignoring_duplicates
 from postdesk.db.types import utcnow
@@ -171,7 +172,16 @@ def _fetch(
             result.skipped = f"the mailbox is {channel.status.value.replace('_', ' ')}"
             return {}
         token = _access_token(session, runtime, channel, force=False)
+        transport = channel.transport
         session.commit()
+    if transport is Transport.GRAPH:
+        # Imported here: graph_fetch builds on this module's batches and progress reports.
+        from postdesk.ingest.graph_fetch import fetch_graph  # noqa: PLC0415
+
+        def fresh_token() -> str:
+            return _fresh_token(runtime, result.channel_id)
+
+        return fetch_graph(runtime, result, token, fresh_token=fresh_token, progress=progress)
     with factory(runtime) as mailbox:
         _login(runtime, mailbox, result.channel_id, result.email, token)
         return _run_pass(runtime, mailbox, result, progress)
@@ -195,6 +205,15 @@ def _access_token(session: Session, runtime: Runtime, channel: Channel, *, force
         raise _Refused(f"{exc.explanation.title}: {exc.explanation.fix} ({exc.reference})", status) from exc
 
 
+def _fresh_token(runtime: Runtime, channel_id: int) -> str:
+    with runtime.sessions() as session:
+        channel = session.get(Channel, channel_id)
+        assert channel is not None
+        fresh = _access_token(session, runtime, channel, force=True)
+        session.commit()
+    return fresh
+
+
 def _login(runtime: Runtime, mailbox: ImapMailbox, channel_id: int, email: str, token: str) -> None:
     try:
         mailbox.login(email, token)
@@ -203,11 +222,7 @@ def _login(runtime: Runtime, mailbox: ImapMailbox, channel_id: int, email: str, 
         if not exc.needs_reauth:
             raise
     # A refused token may just be stale (revoked, rotated keys): refresh once and try again.
-    with runtime.sessions() as session:
-        channel = session.get(Channel, channel_id)
-        assert channel is not None
-        fresh = _access_token(session, runtime, channel, force=True)
-        session.commit()
+    fresh = _fresh_token(runtime, channel_id)
     try:
         mailbox.login(email, fresh)
     except TransportError as exc:

@@ -115,10 +115,29 @@ def skip_duplicates(known: Known, inbound: Inbound) -> Outcome:
 
 
 def follow_up_by_ticket_number(known: Known, inbound: Inbound) -> Outcome:
-    for number in ticket_numbers_in_subject(_mail(inbound).subject, prefix=inbound.ticket_prefix):
+    """``[Ticket#N]`` in the subject joins ticket N, but only mail from someone who took part in it.
+
+    Anyone can write a number into a subject. Were that enough, a stranger's mail would join another
+    customer's ticket, reopen it, and the agent's reply would go to the stranger with the conversation
+    quoted. So the From address must be the customer's or have sent, or been sent or copied, mail of the
+    ticket; a colleague the customer copied counts. From, not Reply-To: a reply to a follow-up goes to
+    its From (``outbox.queue.recipients_for``), and Reply-To is not what a receiving server checks.
+    A reply from a new address still joins by In-Reply-To or References (the next step); anything else
+    opens a ticket of its own. Its title keeps the number, and ``inbound.notes`` says why it did not
+    join, for the agents to merge by hand if it belongs there.
+    """
+    mail = _mail(inbound)
+    sender = mail.sender.email.lower() if mail.sender is not None else None
+    for number in ticket_numbers_in_subject(mail.subject, prefix=inbound.ticket_prefix):
         ticket = known.ticket_numbered(number)
-        if ticket is not None:
-            return AttachTo(ticket, f"the subject names ticket {number}")
+        if ticket is None:
+            continue
+        if sender is not None and sender in ticket.participants:
+            return AttachTo(ticket, f"the subject names ticket {number}, and the sender takes part in it")
+        inbound.notes.append(
+            f"the subject names ticket {number}, but the sender has no part in it, so the mail did not "
+            "join it; merge by hand if it belongs there"
+        )
     return Continue()
 
 
@@ -140,15 +159,24 @@ def thread_candidates(inbound: Inbound) -> list[str]:
     return candidates
 
 
-def refuse_loops(_known: Known, inbound: Inbound) -> Outcome:
-    """Mail from our own mailboxes (or a bounce about nothing we sent) must not open a ticket."""
+def refuse_loops(known: Known, inbound: Inbound) -> Outcome:
+    """Mail from our own mailboxes (or a bounce about nothing we sent) must not open a ticket.
+
+    Only From decides a loop. ``X-Loop`` or Exchange's inbox-rule header naming our address is no proof:
+    Postdesk writes neither, and anyone can. Such mail becomes a ticket, marked automatic by
+    ``classify`` with the header as the reason, so it is never answered automatically. An admin who
+    reprocesses quarantined mail has looked at it, and it becomes a ticket even if From is ours.
+    """
     classification = inbound.classification
     if classification is None:
         return Continue()
-    if classification.loop or classification.from_own_address:
+    if classification.from_own_address and not known.released_by_admin(inbound.row_id):
+        sender = _mail(inbound).sender
+        own = sender.email.lower() if sender is not None else "ours"
         return Quarantine(
-            "sent by one of Postdesk's own mailboxes and not part of a known ticket; not turned "
-            "into a ticket so that two mailboxes cannot answer each other forever"
+            f"sent by one of Postdesk's own mailboxes and not part of a known ticket: From is {own}. Not "
+            "turned into a ticket so that two mailboxes cannot answer each other forever; if a person "
+            "wrote it, reprocess it to make it a ticket"
         )
     if classification.bounce:
         return Quarantine("a delivery failure report for a message Postdesk does not know; kept for review")
@@ -199,7 +227,8 @@ def decide_batch(session: Session, inbounds: Sequence[Inbound]) -> list[Decision
             ids, named = lookup_keys(inbound)
             message_ids.update(ids)
             numbers.update(named)
-    known = Known.load(session, message_ids, numbers)
+    maybe_released = [inbound.row_id for inbound in inbounds if _from_own_address(inbound)]
+    known = Known.load(session, message_ids, numbers, maybe_released=maybe_released)
     return [_decide(known, inbound, outcome) for inbound, outcome in zip(inbounds, outcomes, strict=True)]
 
 
@@ -214,7 +243,14 @@ def _decide(known: Known, inbound: Inbound, outcome: Outcome) -> Decision:
     else:
         return Decision(inbound, outcome)
     # Remembered at once: the next message of the batch may be a reply to this one, or a copy of it.
-    return Decision(inbound, outcome, known.remember(inbound.channel.id, _mail(inbound).message_id, ticket))
+    mail = _mail(inbound)
+    article = known.remember(inbound.channel.id, mail.message_id, ticket, people=_people(mail))
+    return Decision(inbound, outcome, article)
+
+
+def _people(mail: ParsedMail) -> list[str]:
+    """Who took part in a message: its sender and everyone it was sent or copied to."""
+    return [address.email for address in (*mail.to, *mail.cc)] + ([mail.sender.email] if mail.sender else [])
 
 
 def lookup_keys(inbound: Inbound) -> tuple[list[str], tuple[int, ...]]:
@@ -223,6 +259,10 @@ def lookup_keys(inbound: Inbound) -> tuple[list[str], tuple[int, ...]]:
     message_ids = [mail.message_id] if mail.message_id else []
     numbers = ticket_numbers_in_subject(mail.subject, prefix=inbound.ticket_prefix)
     return message_ids + thread_candidates(inbound), numbers
+
+
+def _from_own_address(inbound: Inbound) -> bool:
+    return inbound.classification is not None and inbound.classification.from_own_address
 
 
 def _mail(inbound: Inbound) -> ParsedMail:

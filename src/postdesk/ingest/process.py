@@ -257,6 +257,13 @@ def _write(session: Session, runtime: Runtime, decisions: list[Decision]) -> Pro
     for (_, ref, new), article_id in zip(written, ids, strict=True):
         ref.id = article_id
         _touch(ref.ticket, new, now)
+    # What the agents should know about how the mail was filed (a ticket number it was not let into).
+    notes = [
+        (_ticket_id(ref.ticket), _note(d.inbound.notes))
+        for d, ref, _ in written
+        if d.inbound.notes and isinstance(d.outcome, NewTicket)
+    ]
+    add_articles(session, notes, now=now)
     _store_attachments(session, runtime, [d for d, _, _ in written])
     _update_touched_tickets(session, [ref.ticket for _, ref, _ in written])
     session.execute(update(InboundMessage), [_finished_row(d, now) for d in decisions])
@@ -338,6 +345,11 @@ def _store_attachments(session: Session, runtime: Runtime, decisions: list[Decis
             for (article_id, part), digest in zip(parts, digests, strict=True)
         ],
     )
+
+
+def _note(notes: list[str]) -> NewArticle:
+    text = "\n".join(f"Postdesk: {note[0].upper()}{note[1:]}." for note in notes)
+    return NewArticle(direction=Direction.OUTBOUND, internal=True, sender="Postdesk", body_text=text)
 
 
 def _finished_row(decision: Decision, now: datetime) -> dict[str, Any]:

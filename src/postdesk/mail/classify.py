@@ -58,7 +58,10 @@ def classify(mail: ParsedMail, *, own_addresses: frozenset[str] = frozenset()) -
     loop = _loop_reasons(mail, own)
     from_own = mail.sender is not None and mail.sender.email.lower() in own
     return Classification(
-        auto_reply=bool(auto_reply),
+        # A loop header naming us is no proof that the mail is ours (Postdesk writes none, anyone can),
+        # so it does not stop a ticket; but some automaton may be answering us, so, like an auto-reply,
+        # the mail is never answered automatically (RFC 3834 §2).
+        auto_reply=bool(auto_reply or loop),
         bulk=bool(bulk),
         bounce=bool(bounce),
         from_own_address=from_own,

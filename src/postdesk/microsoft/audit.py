@@ -1,4 +1,5 @@
-"""Credential changes of the app registration, written into the event log of every mailbox using it.
+"""Credential changes of the app registration, written into the event log of every mailbox using it,
+and changes of the delegate whose sign-in a shared mailbox uses.
 
 When mail stops on a Monday, "the client secret was replaced on Friday by Dana" is the first thing
 an admin needs to read; it belongs in each mailbox's log, never with the secret itself.
@@ -36,3 +37,19 @@ def describe_app_change(registration: MicrosoftApp, *, new_secret: bool) -> str:
         expiry = registration.client_secret_expires_at
         parts.append(f"new client secret{f' (expires {expiry:%Y-%m-%d})' if expiry else ''}")
     return ", ".join(parts) + "."
+
+
+def record_delegate_change(
+    session: Session, channel: Channel, *, previous: str, current: str, actor: User | None
+) -> None:
+    """A shared mailbox re-authenticated by another delegate: both names go into its event log, so
+    that whose sign-in Postdesk now uses (and whose it stopped using) is never a guess."""
+    session.add(
+        ChannelEvent(
+            channel_id=channel.id,
+            kind="delegate",
+            message=f"The shared mailbox {channel.email} now uses the sign-in of {current} "
+            f"instead of {previous}.",
+            actor_id=actor.id if actor else None,
+        )
+    )

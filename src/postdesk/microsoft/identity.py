@@ -26,7 +26,7 @@ import msal
 import requests
 
 from postdesk.config import Settings
-from postdesk.db.models import MicrosoftApp
+from postdesk.db.models import MicrosoftApp, Transport
 from postdesk.microsoft.clouds import Endpoints, endpoints_for
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,13 @@ class MicrosoftIdentity:
     @property
     def scopes(self) -> list[str]:
         return self.endpoints.outlook_scopes
+
+    def scopes_for(self, transport: Transport | None) -> list[str]:
+        """The resource scopes of a mailbox's access tokens: Microsoft Graph's for a Graph channel,
+        Outlook's IMAP and SMTP scopes otherwise. One token names one resource (AADSTS28000); the
+        refresh token from the sign-in redeems for either, as far as the account consented to it. A
+        channel not saved yet has no transport: IMAP, the column's default."""
+        return self.endpoints.scopes_for((transport or Transport.IMAP).value)
 
     def _credential(self) -> str | dict[str, str]:
         app = self.registration

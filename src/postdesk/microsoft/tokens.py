@@ -188,7 +188,9 @@ def _redeem(
         account = _account_for(app, channel)
         if account is None:
             raise TokenError(NO_ACCOUNT, "no account in the token cache")
-        result = app.acquire_token_silent_with_error(identity.scopes, account, force_refresh=force_refresh)
+        result = app.acquire_token_silent_with_error(
+            identity.scopes_for(channel.transport), account, force_refresh=force_refresh
+        )
     except UnreadableAnswer as exc:  # before RequestException, of which it is one
         raise TokenError(UNREADABLE, str(exc)) from exc
     except (requests.RequestException, ValueError, MsalServiceError) as exc:

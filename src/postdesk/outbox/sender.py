@@ -1,11 +1,12 @@
-"""Sending queued mail: claim due rows, submit them over SMTP XOAUTH2, and record the outcome.
+"""Sending queued mail: claim due rows, submit them over SMTP XOAUTH2 (or Microsoft Graph for a Graph
+channel), and record the outcome.
 
 Exactly-once, as far as SMTP allows: a row is claimed with a conditional UPDATE (state SENDING plus a
 lease), so two workers never send it at the same time. The outcome is committed right after the
 server answers. If the process dies between the server's acceptance and that commit, the row's lease
 runs out with the state still SENDING; whoever claims it next first looks for its Message-ID in the
-mailbox's Sent Items (Exchange Online files every message submitted over SMTP there) and only sends
-again when it is not there.
+mailbox's Sent Items (Exchange Online files every message submitted over SMTP or Graph there), over
+IMAP or Graph as the channel reads mail, and only sends again when it is not there.
 """
 
 from __future__ import annotations
@@ -15,20 +16,31 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from postdesk.db.models import Channel, ChannelEvent, ChannelStatus, DeliveryStatus, OutboundMessage
+from postdesk.db.models import (
+    Channel,
+    ChannelEvent,
+    ChannelStatus,
+    DeliveryStatus,
+    OutboundMessage,
+    Transport,
+)
 from postdesk.db.types import utcnow
+from postdesk.ingest.graph_fetch import GraphAccount
 from postdesk.microsoft.clouds import endpoints_for
 from postdesk.microsoft.identity import MicrosoftIdentity, tls_context
 from postdesk.microsoft.tokens import TokenError, acquire_access_token
 from postdesk.outbox.explain import DeliveryExplanation, Retry, explain_refusal
+from postdesk.outbox.graph_send import GraphSubmission, sent_through_graph
 from postdesk.runtime import Runtime
 from postdesk.security.redact import redact
 from postdesk.storage import read_bytes
 from postdesk.transports.errors import OutcomeUnknown, TransportError
+from postdesk.transports.graph import GraphRefusal
 from postdesk.transports.imap import ImapMailbox
 from postdesk.transports.smtp import SmtpRefusal, SmtpSubmission
 
@@ -58,6 +70,12 @@ WAIT_FOR_MAILBOX = timedelta(minutes=15)
 
 SubmissionFactory = Callable[[Runtime], SmtpSubmission]
 MailboxFactory = Callable[[Runtime], ImapMailbox]
+
+
+class _Submits(Protocol):
+    """What the sending loop needs of a transport: ``SmtpSubmission`` or ``GraphSubmission``."""
+
+    def send(self, mail_from: str, recipients: list[str], raw: bytes) -> str: ...
 
 
 @dataclass
@@ -170,6 +188,8 @@ class _ChannelRun:
         self.mailbox = mailbox
         self.email = ""
         self.login_name = ""
+        self.transport = Transport.IMAP
+        self.account: GraphAccount | None = None
         self._sent: list[tuple[int, str, datetime]] = []  # accepted by the server, not yet recorded
 
     def run(self) -> None:
@@ -191,6 +211,8 @@ class _ChannelRun:
                 raise _Wait("the mailbox this reply was to go out through has been deleted", None)
             self.email = channel.email
             self.login_name = channel.account_username or channel.email
+            self.transport = channel.transport
+            self.account = GraphAccount.of(channel)
             if channel.status is ChannelStatus.DISABLED:
                 raise _Wait(
                     f"the mailbox {channel.email} is disabled; enable it under Channels", WAIT_FOR_MAILBOX
@@ -239,6 +261,9 @@ class _ChannelRun:
                 select(OutboundMessage.id, OutboundMessage.message_id).where(OutboundMessage.id.in_(row_ids))
             )
             message_ids = {row_id: message_id for row_id, message_id in found}
+        if self.transport is Transport.GRAPH and self.account is not None:
+            sent = sent_through_graph(self.runtime, self.account, token, set(message_ids.values()))
+            return {row_id for row_id, mid in message_ids.items() if mid in sent}
         with self.mailbox(self.runtime) as imap:
             imap.login(self.login_name, token)
             folder = imap.sent_folder()
@@ -247,6 +272,11 @@ class _ChannelRun:
     # -- sending
 
     def _send(self, token: str, row_ids: list[int]) -> None:
+        if self.transport is Transport.GRAPH and self.account is not None:
+            # One Graph client for the channel's whole run; no sign-in step, the token goes with each request.
+            with GraphSubmission(self.runtime, self.account, token, fresh_token=self._graph_token) as graph:
+                self._send_rows(graph, row_ids)
+            return
         with self.submission(self.runtime) as smtp:
             try:
                 self._login(smtp, token)
@@ -259,25 +289,40 @@ class _ChannelRun:
             except TransportError as exc:
                 self._retry_later(row_ids, str(exc))
                 return
-            with self.runtime.sessions() as session:
-                envelopes = {
-                    row_id: (mail_from, recipients.split("\n"), sha256)
-                    for row_id, mail_from, recipients, sha256 in session.execute(
-                        select(
-                            OutboundMessage.id,
-                            OutboundMessage.mail_from,
-                            OutboundMessage.recipients,
-                            OutboundMessage.sha256,
-                        ).where(OutboundMessage.id.in_(row_ids))
-                    )
-                }
-            try:
-                for position, row_id in enumerate(row_ids):
-                    if not self._send_one(smtp, row_id, *envelopes[row_id]):
-                        self._retry_later(row_ids[position + 1 :], "the connection to the SMTP server broke")
-                        return
-            finally:
-                self._record_sent()
+            self._send_rows(smtp, row_ids)
+
+    def _send_rows(self, submission: _Submits, row_ids: list[int]) -> None:
+        with self.runtime.sessions() as session:
+            envelopes = {
+                row_id: (mail_from, recipients.split("\n"), sha256)
+                for row_id, mail_from, recipients, sha256 in session.execute(
+                    select(
+                        OutboundMessage.id,
+                        OutboundMessage.mail_from,
+                        OutboundMessage.recipients,
+                        OutboundMessage.sha256,
+                    ).where(OutboundMessage.id.in_(row_ids))
+                )
+            }
+        stopped = (
+            "Microsoft Graph did not take the previous message"
+            if self.transport is Transport.GRAPH
+            else "the connection to the SMTP server broke"
+        )
+        try:
+            for position, row_id in enumerate(row_ids):
+                if not self._send_one(submission, row_id, *envelopes[row_id]):
+                    self._retry_later(row_ids[position + 1 :], stopped)
+                    return
+        finally:
+            self._record_sent()
+
+    def _graph_token(self) -> str:
+        """A fresh access token for a Graph run; a sign-in that cannot give one refuses the send."""
+        try:
+            return self._token(force=True)
+        except _Wait as wait:
+            raise TransportError(wait.reason, permanent=True, needs_reauth=True) from wait
 
     def _login(self, smtp: SmtpSubmission, token: str) -> None:
         try:
@@ -290,7 +335,7 @@ class _ChannelRun:
             smtp.login(self.login_name, self._token(force=True))
 
     def _send_one(
-        self, smtp: SmtpSubmission, row_id: int, mail_from: str, recipients: list[str], sha256: str
+        self, smtp: _Submits, row_id: int, mail_from: str, recipients: list[str], sha256: str
     ) -> bool:
         """Send one row; False when the connection is unusable afterwards."""
         try:
@@ -321,6 +366,8 @@ class _ChannelRun:
             return False
         except TransportError as exc:
             self._record_sent()
+            if self.transport is Transport.GRAPH and exc.permanent:
+                return self._refused_by_graph(row_id, exc)
             self._retry_later([row_id], str(exc))
             return False
         self._sent.append((row_id, reply, utcnow()))
@@ -366,6 +413,22 @@ class _ChannelRun:
             self._postpone(row_ids, explanation.sentence(), timedelta(hours=1), reply=refusal.reply)
         else:
             self._retry_later(row_ids, explanation.sentence(), reply=refusal.reply)
+
+    def _refused_by_graph(self, row_id: int, exc: TransportError) -> bool:
+        """A Graph refusal retrying cannot cure; False when the rest of the run cannot go either."""
+        if exc.needs_reauth:
+            # The mailbox's sign-in, not the message: wait for it without using up attempts.
+            self._postpone([row_id], f"waiting for the mailbox's sign-in — {exc}", WAIT_FOR_MAILBOX)
+            return False
+        reply = f"{exc.status} {exc.code}" if isinstance(exc, GraphRefusal) else ""
+        explanation = DeliveryExplanation(
+            title="Microsoft Graph refused to send the message",
+            fix=str(exc),
+            retry=Retry.NO,
+            sign_in=isinstance(exc, GraphRefusal) and exc.status == 403,
+        )
+        self._fail([row_id], explanation, reply)
+        return True
 
     def _fail(self, row_ids: list[int], explanation: DeliveryExplanation, reply: str) -> None:
         with self.runtime.sessions() as session:

@@ -485,7 +485,6 @@ class GraphMailStore:
         self.mailboxes: dict[str, Mailbox] = {}
         self.sent: list[SentMail] = []
         self.concurrency_limit = DEFAULT_CONCURRENCY_LIMIT
-        self._rights: dict[tuple[str, str], set[MailboxRight]] = {}
         self._without_mailbox: set[str] = set()
         self._faults: deque[InjectedFault] = deque()
         self._in_flight: Counter[tuple[str, str]] = Counter()
@@ -523,19 +522,16 @@ class GraphMailStore:
             self._without_mailbox.add(address.lower())
 
     def grant(self, mailbox: str, delegate: str, *rights: MailboxRight | str) -> None:
-        """Give ``delegate`` (a user's address) rights on ``mailbox``, as Add-MailboxPermission does."""
-        with self.lock:
-            held = self._rights.setdefault((mailbox.lower(), delegate.lower()), set())
-            held.update(MailboxRight(right) for right in rights)
+        """Give ``delegate`` (a user's address) rights on ``mailbox``, as Add-MailboxPermission does.
+
+        The rights live in the sandbox directory, so IMAP and SMTP see the same grants."""
+        self.directory.grant_mailbox_right(mailbox, delegate, *(MailboxRight(right) for right in rights))
 
     def revoke(self, mailbox: str, delegate: str, *rights: MailboxRight | str) -> None:
-        with self.lock:
-            held = self._rights.get((mailbox.lower(), delegate.lower()), set())
-            held.difference_update(MailboxRight(right) for right in rights)
+        self.directory.revoke_mailbox_right(mailbox, delegate, *(MailboxRight(right) for right in rights))
 
     def rights(self, mailbox: str, delegate: str) -> set[MailboxRight]:
-        with self.lock:
-            return set(self._rights.get((mailbox.lower(), delegate.lower()), set()))
+        return {MailboxRight(right) for right in self.directory.rights_on(mailbox, delegate)}
 
     def create_folder(self, address: str, display_name: str, *, parent: str = ROOT_FOLDER) -> str:
         """Add a custom folder (under the top of the mailbox unless ``parent`` names another)."""
@@ -828,6 +824,8 @@ class GraphMailStore:
         if found is not None:
             return found
         user = self.directory.find_user(wanted)
+        if user is None and wanted in self.directory.shared_mailboxes:
+            return self.add_mailbox(wanted, display_name=self.directory.shared_mailboxes[wanted], shared=True)
         if user is None:
             raise GraphError(404, "ErrorInvalidUser", f"The requested user '{identifier}' is invalid.")
         if user.upn in self._without_mailbox:

@@ -10,6 +10,14 @@ here behaves the same against login.microsoftonline.com. Real MSAL for Python wo
 Everything lives in memory in one ``SandboxDirectory``; tests change it directly, other processes
 (``postdesk demo``) through the small JSON control API under ``/_sandbox/``.
 
+Shared mailboxes: ``directory.add_shared_mailbox(address, display_name)`` creates one (it has no user
+who can sign in, as in Exchange Online), and ``directory.grant_mailbox_rights(shared, delegate,
+full_access=True, send_as=True)`` stands for ``Add-MailboxPermission -AccessRights FullAccess`` and
+``Add-RecipientPermission -AccessRights SendAs``; ``revoke_mailbox_rights`` takes them back. This one
+table of rights is what every sandbox server consults: the Dovecot IMAP server (through ``mailboxes`` in
+the introspection answer: the addresses the token's user may open, its own and those it has FullAccess
+on), the SMTP submission server (SendAs) and the Graph mail API (FullAccess, SendAs, SendOnBehalf).
+
 Faults for the next calls queue up per endpoint, one call each: ``fail_next`` (Microsoft's error body,
 optionally with ``Retry-After``), and for the token endpoint ``answer_next`` (a raw body of any status
 and content type, as a proxy or broken front end sends) and ``delay_next`` (a hang before the normal
@@ -64,6 +72,10 @@ SUPPORT_OID = "3d8c4e0a-5d7f-4b9c-9e3a-4c6d8e0f2a43"
 ALEX_OID = "4c9d5f1b-6e8a-4cad-8f4b-5d7e9f1a3b54"
 # Microsoft's fixed tenant for personal Microsoft accounts; it appears in /consumers metadata.
 CONSUMERS_TENANT_ID = "9188040d-6c67-4c5b-b112-36a304b66dad"
+
+# Exchange's names for the mailbox rights a delegate can hold (graph.MailboxRight has the same values).
+FULL_ACCESS = "FullAccess"
+SEND_AS = "SendAs"
 
 CODE_LIFETIME = timedelta(minutes=10)
 REFRESH_TOKEN_MAX_INACTIVE = timedelta(days=90)
@@ -581,6 +593,10 @@ class SandboxDirectory:
         self.tokens_valid_from: dict[str, datetime] = {}
         self.pending: dict[str, PendingSignIn] = {}
         self.sessions: dict[str, str] = {}
+        # Shared mailboxes (address -> display name) and delegates' rights on any mailbox:
+        # (mailbox, delegate) -> {"FullAccess", "SendAs", "SendOnBehalf"}.
+        self.shared_mailboxes: dict[str, str] = {}
+        self.mailbox_rights: dict[tuple[str, str], set[str]] = {}
         self.clock: Callable[[], datetime] = clock or _utcnow
         self.clock_offset = timedelta(0)
         self.signing_key = SigningKey.generate()
@@ -687,6 +703,54 @@ class SandboxDirectory:
     def find_user(self, oid_or_upn: str) -> SandboxUser | None:
         wanted = oid_or_upn.lower()
         return self.users.get(wanted) or next((u for u in self.users.values() if u.upn == wanted), None)
+
+    # -- shared mailboxes and delegates' rights ---------------------------------------------------
+
+    def add_shared_mailbox(self, address: str, display_name: str) -> str:
+        """A shared mailbox: an address with a mailbox but no account that can sign in."""
+        with self.lock:
+            self.shared_mailboxes[address.lower()] = display_name
+        return address.lower()
+
+    def grant_mailbox_rights(
+        self, mailbox: str, delegate: str, *, full_access: bool = True, send_as: bool = True
+    ) -> None:
+        """What ``Add-MailboxPermission … FullAccess`` and ``Add-RecipientPermission … SendAs`` do."""
+        wanted = [name for name, on in ((FULL_ACCESS, full_access), (SEND_AS, send_as)) if on]
+        self.grant_mailbox_right(mailbox, delegate, *wanted)
+
+    def revoke_mailbox_rights(
+        self, mailbox: str, delegate: str, *, full_access: bool = True, send_as: bool = True
+    ) -> None:
+        unwanted = [name for name, on in ((FULL_ACCESS, full_access), (SEND_AS, send_as)) if on]
+        self.revoke_mailbox_right(mailbox, delegate, *unwanted)
+
+    def grant_mailbox_right(self, mailbox: str, delegate: str, *rights: str) -> None:
+        with self.lock:
+            self.mailbox_rights.setdefault((mailbox.lower(), delegate.lower()), set()).update(
+                str(right) for right in rights
+            )
+
+    def revoke_mailbox_right(self, mailbox: str, delegate: str, *rights: str) -> None:
+        with self.lock:
+            self.mailbox_rights.get((mailbox.lower(), delegate.lower()), set()).difference_update(
+                str(right) for right in rights
+            )
+
+    def rights_on(self, mailbox: str, delegate: str) -> set[str]:
+        """The rights ``delegate`` holds on ``mailbox`` (none on its own: it owns that one)."""
+        with self.lock:
+            return set(self.mailbox_rights.get((mailbox.lower(), delegate.lower()), set()))
+
+    def mailboxes_openable_by(self, upn: str) -> list[str]:
+        """The user's own mailbox, then every mailbox it has FullAccess on."""
+        with self.lock:
+            delegated = sorted(
+                mailbox
+                for (mailbox, delegate), rights in self.mailbox_rights.items()
+                if delegate == upn.lower() and FULL_ACCESS in rights
+            )
+        return [upn.lower(), *delegated]
 
     def resolve_authority(self, segment: str) -> Authority | None:
         lowered = segment.lower()
@@ -1462,6 +1526,10 @@ def introspect(directory: SandboxDirectory, token: str) -> dict[str, Any]:
     }
     if "upn" in claims:
         answer |= {"username": claims["upn"], "upn": claims["upn"], "email": claims["upn"]}
+        # Dovecot 2.3 cannot tell this endpoint which mailbox is being opened (introspection_url takes
+        # no %variables), so the answer lists what the token's user may open, comma-delimited for a
+        # wildcard match on ",<login user>,"; see mailserver.py.
+        answer["mailboxes"] = "," + ",".join(directory.mailboxes_openable_by(str(claims["upn"]))) + ","
     return answer
 
 

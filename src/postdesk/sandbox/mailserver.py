@@ -16,6 +16,14 @@ Verified on Debian 12's dovecot-imapd 2.3.19.1, run as root:
   asks the sandbox (`auth_cache_size = 0`), so `directory.clock_offset` takes effect at once. A token
   for another user ("Username 'x' did not match 'y'"), a garbage or expired token ("Provided token is
   not valid") and a Graph token ("Token is not valid for scope") all end in `NO [AUTHENTICATIONFAILED]`.
+- Shared mailboxes, as Exchange Online does them: a delegate's token opens the shared mailbox with
+  XOAUTH2 `user=<shared address>` when the delegate has FullAccess on it. Dovecot 2.3.19 does not expand
+  %variables in `introspection_url` (a `%` there makes the auth process panic on its first request), so
+  the endpoint cannot be told the mailbox. Instead a second oauth2 passdb, tried when the first refuses,
+  accepts a live token of the same domain and lets the login through only when `,<login user>,` is in
+  the `mailboxes` the introspection lists (the user's own and those with FullAccess): `pass_attrs` sets
+  `allow_nets` to everything or to nothing with `%{if;…;*;…}`. A refusal there logs "allow_nets check
+  failed" after the first passdb's "Username … did not match …".
 - The namespace separator is "/" as on Exchange Online; on disk it is Maildir++ (`.Parent.Child`, names
   in modified UTF-7). The Outlook special-use folders (Archive, Deleted Items, Drafts, Junk Email, Sent
   Items) are created and subscribed at a mailbox's first login.
@@ -453,6 +461,7 @@ class DovecotServer:
 
     def _write_config(self) -> None:
         (self.directory / "oauth2.conf.ext").write_text(self._oauth2_config())
+        (self.directory / "oauth2-delegates.conf.ext").write_text(self._delegate_config())
         self.config_path.write_text(self._dovecot_config())
 
     def _oauth2_config(self) -> str:
@@ -468,6 +477,18 @@ class DovecotServer:
                 "scope = IMAP.AccessAsUser.All",
                 f"tls_ca_cert_file = {self.directory / 'tls' / 'sandbox-ca.pem'}",
                 "timeout_msecs = 5000",
+                "",
+            ]
+        )
+
+    def _delegate_config(self) -> str:
+        """The second passdb: a delegate's token for a mailbox the introspection says it may open."""
+        return self._oauth2_config() + "\n".join(
+            [
+                "# Any live token of the domain passes the name check; the mailbox list decides.",
+                "username_format = %Ld",
+                "pass_attrs = allow_nets="
+                "%{if;%{oauth2:mailboxes};*;*,%Lu,*;0.0.0.0/0,::/0;255.255.255.255/32}",
                 "",
             ]
         )
@@ -502,6 +523,12 @@ passdb {{
   mechanisms = xoauth2 oauthbearer
   args = {root}/oauth2.conf.ext
 }}
+# Tried when the first refuses: a delegate opening a shared mailbox (see the module docstring).
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {root}/oauth2-delegates.conf.ext
+}}
 userdb {{
   driver = static
   args = uid={self._uid} gid={self._gid} home={root}/mail/%d/%n allow_all_users=yes
@@ -513,6 +540,10 @@ first_valid_uid = {min(self._uid, 100)}
 first_valid_gid = {min(self._gid, 100)}
 mail_location = maildir:{root}/mail/%d/%n/Maildir
 mail_fsync = never
+# IDLE hears of new mail through inotify, but the kernel gives one user 128 inotify instances
+# (fs.inotify.max_user_instances) and every mail process runs as the same user: past 128 IDLE sessions
+# Dovecot looks at the folder on this interval instead (30 s by default).
+mailbox_idle_check_interval = 1 secs
 
 namespace inbox {{
   inbox = yes

@@ -16,8 +16,9 @@ what aiosmtpd hard-codes):
   active, for the Outlook resource, with the ``SMTP.Send`` scope, and issued to the ``user=`` of the
   XOAUTH2 string; anything else is "535 5.7.3 Authentication unsuccessful".
 - Exchange's per-mailbox and per-tenant switches for SMTP AUTH (``SmtpClientAuthenticationDisabled``),
-  send-as grants (checked on the envelope sender and the header From after DATA, "554 5.2.252
-  SendAsDenied"), and a maximum message size advertised in EHLO SIZE.
+  send-as grants (``grant_send_as`` here, or SendAs in the sandbox directory's mailbox rights; checked
+  on the envelope sender and the header From after DATA, "554 5.2.252 SendAsDenied"), and a maximum
+  message size advertised in EHLO SIZE.
 - Accepted mail is recorded in ``accepted``, delivered into Dovecot for recipients the sandbox hosts, and
   copied into the sending mailbox's "Sent Items", as Exchange does for SMTP AUTH submissions.
 - ``fail_next(stage, code, text)`` queues a reply to give instead of the normal one, and
@@ -52,7 +53,7 @@ from typing import Any, AnyStr, Literal, get_args
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, auth_mechanism
 
-from postdesk.sandbox.identity import OUTLOOK, SandboxDirectory, SandboxUser, introspect
+from postdesk.sandbox.identity import OUTLOOK, SEND_AS, SandboxDirectory, SandboxUser, introspect
 from postdesk.sandbox.mailserver import DovecotServer
 from postdesk.sandbox.tls import TlsFiles, ensure_server_certificate
 
@@ -366,7 +367,8 @@ class SubmissionServer:
         with self._lock:
             allowed = {user.lower()} | self._send_as.get(user.lower(), set())
         for sender in [mail_from, *header_senders(raw)]:
-            if sender.lower() not in allowed:
+            # Grants made here last until reset(); the directory's (a shared mailbox's SendAs) stay.
+            if sender.lower() not in allowed and SEND_AS not in self.directory.rights_on(sender, user):
                 return SEND_AS_DENIED.format(user=user, sender=sender, host=SERVER_NAME)
         return None
 

@@ -3,10 +3,15 @@
 A token is ``pd_`` and 40 URL-safe random characters (240 bits). Only its SHA-256 is stored, so a
 copy of the database lets nobody call the API. The ``pd_`` prefix lets secret scanners and the log
 filter recognise a leaked token.
+
+A token's scope narrows, never widens, what its owner may do: a ``read`` token may only use the safe
+HTTP methods, a ``write`` token whatever the owner's role allows. Roles are checked separately, so an
+agent's write token still cannot reach an administrator's endpoints.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -24,6 +29,13 @@ SHOWN_PREFIX_LENGTH = 10  # "pd_" and 7 random characters: enough to tell tokens
 NAME_LENGTH = 200
 # Writing last_used_at on every request would turn each API read into a write; a minute is precise enough.
 LAST_USED_PRECISION = timedelta(minutes=1)
+# RFC 9110's safe methods: the only ones a read-only token may use.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class TokenScope(enum.StrEnum):
+    READ = "read"  # safe methods only
+    WRITE = "write"  # whatever the owner's role allows
 
 
 class TokenError(ValueError):
@@ -40,6 +52,27 @@ class CreatedToken:
 class TokenCheck:
     user: User | None
     reason: str | None = None
+    scope: str = TokenScope.READ  # the token's scope once it is accepted; read when it is not
+
+
+def parse_scope(value: str) -> TokenScope:
+    """The scope a person asked for, or a ``TokenError`` that lists the choices."""
+    value = value.strip().lower()
+    if not value:
+        raise TokenError("choose the token's access: read only, or read and write")
+    try:
+        return TokenScope(value)
+    except ValueError:
+        raise TokenError(f"unknown scope {value!r}; choose read or write") from None
+
+
+def scope_allows(scope: str, method: str) -> bool:
+    """Whether a token of ``scope`` may make a request with this HTTP method.
+
+    Anything but an exact ``write`` counts as read only, so a scope value this code does not know
+    (a row edited by hand, a scope added by a later version) fails closed.
+    """
+    return scope == TokenScope.WRITE or method.upper() in SAFE_METHODS
 
 
 def hash_secret(secret: str) -> str:
@@ -47,7 +80,12 @@ def hash_secret(secret: str) -> str:
 
 
 def create_token(
-    session: Session, user: User, *, name: str, expires_at: datetime | None = None
+    session: Session,
+    user: User,
+    *,
+    name: str,
+    scope: str = TokenScope.WRITE,
+    expires_at: datetime | None = None,
 ) -> CreatedToken:
     name = name.strip()
     if not name:
@@ -58,12 +96,14 @@ def create_token(
         raise TokenError(f"{user.email} is deactivated and cannot have API tokens")
     if expires_at is not None and expires_at <= utcnow():
         raise TokenError("the expiry date is in the past")
+    chosen_scope = parse_scope(scope)
     secret = TOKEN_PREFIX + secrets.token_urlsafe(30)  # 30 bytes are exactly 40 characters
     token = ApiToken(
         user_id=user.id,
         name=name,
         token_hash=hash_secret(secret),
         prefix=secret[:SHOWN_PREFIX_LENGTH],
+        scope=chosen_scope.value,
         created_at=utcnow(),
         expires_at=expires_at,
     )
@@ -94,7 +134,7 @@ def authenticate(session: Session, secret: str, *, now: datetime | None = None) 
         return TokenCheck(None, "The owner of this API token is deactivated.")
     if token.last_used_at is None or now - token.last_used_at >= LAST_USED_PRECISION:
         token.last_used_at = now
-    return TokenCheck(token.user)
+    return TokenCheck(token.user, scope=token.scope)
 
 
 def list_tokens(session: Session, *, user: User | None = None) -> list[ApiToken]:

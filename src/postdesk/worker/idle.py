@@ -179,8 +179,8 @@ class IdleHub:
     def _wait_seconds(self) -> float:
         with self._lock:
             watches = list(self._watches.values())
-        if self._retired:
-            return 0.0
+        if any(not watch.busy for watch in self._retired):
+            return 0.0  # one to close now
         pending = [watch.due for watch in watches if watch.alive and not watch.busy]
         if not pending:
             return 60.0

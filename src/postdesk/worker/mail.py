@@ -22,7 +22,7 @@ from functools import partial
 
 from sqlalchemy import select
 
-from postdesk.db.models import Channel, ChannelStatus
+from postdesk.db.models import Channel, ChannelStatus, Transport
 from postdesk.db.types import utcnow
 from postdesk.ingest.fetch import FetchResult, MailboxFactory, default_mailbox, fetch_channel
 from postdesk.runtime import Runtime
@@ -66,17 +66,26 @@ class MailScheduler:
         with runtime.sessions() as session:
             rows = session.execute(
                 select(
-                    Channel.id, Channel.status, Channel.last_fetch_at, Channel.fetch_interval_seconds
+                    Channel.id,
+                    Channel.status,
+                    Channel.last_fetch_at,
+                    Channel.fetch_interval_seconds,
+                    Channel.transport,
                 ).where(Channel.id.in_(held))
             ).all()
-        healthy = {cid for cid, status, _last, _every in rows if status is ChannelStatus.OK}
-        for channel_id, status, last, every in rows:
+        # IDLE is IMAP's; Graph mailboxes are polled (their delta rounds are cheap).
+        idle = {
+            cid
+            for cid, status, _last, _every, transport in rows
+            if status is ChannelStatus.OK and transport is Transport.IMAP
+        }
+        for channel_id, status, last, every, _transport in rows:
             due = last is None or last + timedelta(seconds=every) <= now
             backing_off = self._retry_at.get(channel_id, now) > now
             if status in (ChannelStatus.OK, ChannelStatus.ERROR) and due and not backing_off:
                 self.request_fetch(channel_id)
         if self._use_idle:
-            self._keep_watchers(runtime, healthy)
+            self._keep_watchers(runtime, idle)
 
     def _start_leases(self, runtime: Runtime) -> ChannelLeases:
         leases = ChannelLeases(

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Query
+from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from postdesk.db.models import User
-from postdesk.security.api_tokens import authenticate
+from postdesk.security.api_tokens import SAFE_METHODS, TokenScope, authenticate, scope_allows
 from postdesk.web.api.schemas import ErrorOut
 from postdesk.web.deps import SessionDep
 
@@ -18,7 +18,15 @@ MAX_PER_PAGE = 100
 bearer_scheme = HTTPBearer(
     auto_error=False,
     scheme_name="PersonalApiToken",
-    description="A personal API token (`pd_…`), created under “API tokens” or with `postdesk token create`.",
+    description=(
+        "A personal API token (`pd_…`), created under “API tokens” or with `postdesk token create`. "
+        "A read-only token may only use GET, HEAD and OPTIONS; a write token may do whatever its owner may."
+    ),
+)
+READ_ONLY_DETAIL = (
+    f"This API token is read-only: it may only use {', '.join(sorted(SAFE_METHODS))}. "
+    "To change anything, create a token with write access under “API tokens” (/account/api-tokens) "
+    "or with `postdesk token create EMAIL --name NAME --scope write`."
 )
 
 
@@ -28,10 +36,23 @@ def _unauthorized(detail: str, *, invalid: bool) -> HTTPException:
     return HTTPException(status_code=401, detail=detail, headers={"WWW-Authenticate": challenge})
 
 
+def _read_only() -> HTTPException:
+    # RFC 6750 §3.1: a valid token without the rights the request needs is a 403, not a 401, and the
+    # challenge names the scope that would do.
+    challenge = f'Bearer realm="postdesk", error="insufficient_scope", scope="{TokenScope.WRITE}"'
+    return HTTPException(status_code=403, detail=READ_ONLY_DETAIL, headers={"WWW-Authenticate": challenge})
+
+
 def require_api_user(
+    request: Request,
     db: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> User:
+    """The token's owner, if the token is valid and its scope allows this request's method.
+
+    Every ``/api/v1`` endpoint depends on this, so the scope is checked before any role check
+    (``require_api_admin``) and before the request body is validated.
+    """
     if credentials is None:
         raise _unauthorized(
             "Send a personal API token in the header Authorization: Bearer pd_…", invalid=False
@@ -40,7 +61,9 @@ def require_api_user(
     if check.user is None:
         raise _unauthorized(check.reason or "Unknown API token.", invalid=True)
     if db.dirty:
-        db.commit()  # last_used_at
+        db.commit()  # last_used_at: a refused write with a read-only token is still a use
+    if not scope_allows(check.scope, request.method):
+        raise _read_only()
     return check.user
 
 
@@ -83,7 +106,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the JSON errors an endpoint answers with."""
     meaning = {
         401: "No token, or a token that is unknown, revoked, expired or whose owner is deactivated.",
-        403: "The token's owner is not an administrator.",
+        403: "A read-only token asked to change something, or the token's owner is not an administrator.",
         404: "No such item, or the token's owner may not see it.",
         409: "The item is not in a state that allows this.",
     }

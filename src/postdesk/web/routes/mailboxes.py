@@ -1,18 +1,34 @@
-"""A mailbox's mail settings, fetching now, the first-connection import, and the quarantine."""
+"""A mailbox's mail settings, fetching now, the first-connection import, shared mailboxes' delegation
+check, and the quarantine."""
 
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Annotated
+from urllib.parse import quote
 
+import httpx
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
 
-from postdesk.db.models import BacklogPolicy, ChannelEvent, InboundMessage, InboundStatus
+from postdesk.db.models import (
+    BacklogPolicy,
+    ChannelEvent,
+    ChannelStatus,
+    InboundMessage,
+    InboundStatus,
+    Transport,
+    User,
+)
 from postdesk.ingest.background import start_fetch
 from postdesk.ingest.fetch import access_token_for_channel, default_mailbox
 from postdesk.ingest.quarantine import quarantined, reprocess
+from postdesk.microsoft.clouds import endpoints_for
+from postdesk.microsoft.connect import AccessCheck, DelegationMissing, verify_delegation
+from postdesk.microsoft.identity import HTTP_TIMEOUT, trust_store
+from postdesk.runtime import Runtime
 from postdesk.storage import read_bytes
 from postdesk.transports.errors import TransportError
 from postdesk.web.deps import CurrentAdmin, RuntimeDep, SessionDep, channel_or_404
@@ -21,6 +37,115 @@ from postdesk.web.templating import render
 log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 WATCHDOG_MAX_HOURS = 720  # 30 days
+_ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+# -- shared mailboxes: the choice on "Add account", and whether the delegate can open the mailbox
+
+
+def choice_problem(form: dict[str, str]) -> str | None:
+    """What is wrong with the "Add account" answers, in words for the form; None when they are usable."""
+    if form["mailbox"] not in ("user", "shared"):
+        return "Choose whose mailbox it is: a user's or a shared mailbox."
+    if form["transport"] not in {transport.value for transport in Transport}:
+        return "Choose how Postdesk reaches the mailbox: IMAP/SMTP or Microsoft Graph."
+    if form["mailbox"] == "shared" and not _ADDRESS.match(form["shared_address"]):
+        return "Enter the shared mailbox's address, for example support@yourcompany.com."
+    return None
+
+
+def access_check(runtime: Runtime) -> AccessCheck:
+    """Opens a mailbox the way fetching will: IMAP (sign in as the mailbox, open its folder) or Graph."""
+
+    def check(transport: Transport, mailbox: str, access_token: str) -> str | None:
+        if transport is Transport.GRAPH:
+            return _graph_problem(runtime, mailbox, access_token)
+        return _imap_problem(runtime, mailbox, access_token)
+
+    return check
+
+
+def _imap_problem(runtime: Runtime, mailbox: str, access_token: str) -> str | None:
+    try:
+        with default_mailbox(runtime) as imap:
+            imap.login(mailbox, access_token)
+            imap.open("INBOX")
+    except TransportError as exc:
+        return str(exc)
+    return None
+
+
+def _graph_problem(runtime: Runtime, mailbox: str, access_token: str) -> str | None:
+    url = f"{endpoints_for(runtime.settings).graph_url}/v1.0/users/{quote(mailbox)}/mailFolders/inbox"
+    try:
+        with httpx.Client(
+            verify=trust_store(runtime.settings), trust_env=False, timeout=HTTP_TIMEOUT
+        ) as client:
+            response = client.get(url, headers={"Authorization": f"Bearer {access_token}"})
+    except httpx.HTTPError as exc:
+        return f"Microsoft Graph could not be reached: {exc}"
+    if response.status_code == 200:
+        return None
+    try:
+        code = str(response.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        code = "no error code"
+    return f"Microsoft Graph answered HTTP {response.status_code} ({code})"
+
+
+def delegation_page(
+    request: Request, admin: User, missing: DelegationMissing, *, reauth: bool, status_code: int = 409
+) -> Response:
+    return render(
+        request,
+        "channels/delegation.html",
+        {
+            "section": "channels",
+            "user": admin,
+            "shared": missing.shared,
+            "delegate": missing.delegate,
+            "problem": missing.problem,
+            "commands": missing.commands,
+            "channel_id": missing.channel_id,
+            "reauth": reauth,
+        },
+        status_code=status_code,
+    )
+
+
+@router.post("/channels/{channel_id}/check-delegation")
+def check_delegation(
+    request: Request, channel_id: int, db: SessionDep, runtime: RuntimeDep, admin: CurrentAdmin
+) -> Response:
+    """ "Check again" after the admin ran the commands: open the shared mailbox with the stored sign-in."""
+    channel = channel_or_404(db, channel_id)
+    delegate = channel.account_username or ""
+    try:
+        problem = verify_delegation(
+            channel, access_token_for_channel(db, runtime, channel), access_check(runtime)
+        )
+    except TransportError as exc:
+        problem = str(exc)
+    if problem is not None:
+        db.commit()
+        missing = DelegationMissing(
+            shared=channel.email, delegate=delegate, problem=problem, channel_id=channel.id
+        )
+        return delegation_page(request, admin, missing, reauth=False)
+    channel.status = ChannelStatus.OK
+    channel.last_error = None
+    channel.last_error_at = None
+    db.add(
+        ChannelEvent(
+            channel_id=channel.id,
+            kind="delegation",
+            actor_id=admin.id,
+            message=f"{delegate} opened the shared mailbox {channel.email}.",
+        )
+    )
+    db.commit()
+    start_fetch(runtime, channel.id)
+    return RedirectResponse(f"/channels?notice=delegation-ok#channel-{channel.id}", status_code=303)
 
 
 @router.post("/channels/{channel_id}/settings")

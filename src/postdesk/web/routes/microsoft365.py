@@ -5,18 +5,21 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from postdesk.db.models import Channel, ChannelEvent, ChannelStatus, Group, MicrosoftApp, User
+from postdesk.db.models import Channel, ChannelEvent, ChannelStatus, Group, MicrosoftApp, Transport, User
 from postdesk.db.types import utcnow
 from postdesk.microsoft.audit import describe_app_change, record_credential_change
 from postdesk.microsoft.certificates import certificate_der, generate_certificate
 from postdesk.microsoft.clouds import CLOUDS
 from postdesk.microsoft.connect import (
+    DelegationMissing,
+    MailboxChoice,
     SignInError,
     begin_admin_consent,
     begin_sign_in,
@@ -37,6 +40,7 @@ from postdesk.microsoft.registration import (
 )
 from postdesk.runtime import Runtime
 from postdesk.web.deps import CurrentAdmin, RuntimeDep, SessionDep, WebSessionDep, channel_or_404
+from postdesk.web.routes.mailboxes import access_check, choice_problem, delegation_page
 from postdesk.web.sessions import SESSION_COOKIE, session_id_for
 from postdesk.web.templating import render
 
@@ -56,6 +60,7 @@ NOTICES = {
     "disabled": "The mailbox is disabled; Postdesk no longer reads it or sends from it.",
     "deleted": "The mailbox was removed from Postdesk. Its tickets stay.",
     "consented": "Admin consent was granted for your organisation.",
+    "delegation-ok": "The shared mailbox opens with the delegate's sign-in; mail is fetched from now on.",
 }
 
 
@@ -250,6 +255,51 @@ def admin_consent(request: Request, db: SessionDep, runtime: RuntimeDep, admin: 
     return RedirectResponse(url, status_code=302)
 
 
+@router.get("/channels/add")
+def add_account(
+    request: Request,
+    db: SessionDep,
+    admin: CurrentAdmin,
+    mailbox: str = "user",
+    shared_address: str = "",
+    transport: str = "imap",
+    confirm: bool = False,
+) -> Response:
+    """ "Add account" asks first whose mailbox it is and how Postdesk should reach it, then links to the
+    sign-in. A link, not the form itself: the CSP's ``form-action 'self'`` also covers the redirect to
+    Microsoft that a form submission would follow."""
+    if current_registration(db) is None:
+        return RedirectResponse("/channels#app", status_code=303)
+    form = {"mailbox": mailbox, "shared_address": shared_address.strip(), "transport": transport}
+    problem = choice_problem(form) if confirm else None
+    start_url = None
+    if confirm and problem is None:
+        query = {"transport": transport} | (
+            {"mailbox": "shared", "shared_address": form["shared_address"]} if mailbox == "shared" else {}
+        )
+        start_url = f"/auth/microsoft365/start?{urlencode(query)}"
+    return add_account_page(
+        request, admin, form=form, problem=problem, start_url=start_url, status_code=422 if problem else 200
+    )
+
+
+def add_account_page(
+    request: Request,
+    admin: User,
+    *,
+    form: dict[str, str],
+    problem: str | None = None,
+    start_url: str | None = None,
+    status_code: int = 200,
+) -> Response:
+    return render(
+        request,
+        "channels/add.html",
+        {"section": "channels", "user": admin, "form": form, "problem": problem, "start_url": start_url},
+        status_code=status_code,
+    )
+
+
 @router.get("/auth/microsoft365/start")
 def start_sign_in(
     request: Request,
@@ -258,6 +308,9 @@ def start_sign_in(
     admin: CurrentAdmin,
     channel: int | None = None,
     login_hint: str | None = None,
+    mailbox: str = "user",
+    shared_address: str = "",
+    transport: str = "imap",
 ) -> Response:
     registration = current_registration(db)
     if registration is None:
@@ -267,6 +320,14 @@ def start_sign_in(
     target = db.get(Channel, channel) if channel is not None else None
     if channel is not None and target is None:
         raise HTTPException(status_code=404, detail="That mailbox no longer exists.")
+    form = {"mailbox": mailbox, "shared_address": shared_address.strip(), "transport": transport}
+    problem = None if target else choice_problem(form)
+    if problem is not None:
+        return add_account_page(request, admin, form=form, problem=problem, status_code=422)
+    choice = MailboxChoice(
+        shared_address=form["shared_address"].lower() if mailbox == "shared" else None,
+        transport=Transport(transport),
+    )
     identity = MicrosoftIdentity(runtime.settings, registration)
     try:
         pending = begin_sign_in(
@@ -276,6 +337,7 @@ def start_sign_in(
             purpose="reauth" if target else "connect",
             channel=target,
             login_hint=login_hint,
+            choice=choice,
         )
     except (ValueError, OSError) as exc:
         return channels_page(
@@ -308,7 +370,18 @@ def callback(
         if flow_row.purpose == "admin_consent":
             return _admin_consent_result(request, db, runtime, admin, params)
         identity = MicrosoftIdentity(runtime.settings, registration)
-        result = complete_sign_in(db, identity, flow_row=flow_row, params=params, actor=admin)
+        result = complete_sign_in(
+            db, identity, flow_row=flow_row, params=params, actor=admin, check_access=access_check(runtime)
+        )
+    except DelegationMissing as missing:
+        # A new shared mailbox is kept (needing attention) so that "Check again" can use the sign-in;
+        # a re-authentication that could not open the mailbox changed nothing.
+        if flow_row.purpose == "reauth":
+            db.rollback()
+        else:
+            db.commit()
+        log.warning("shared mailbox %s: the delegate cannot open it", missing.channel_id)
+        return delegation_page(request, admin, missing, reauth=flow_row.purpose == "reauth")
     except SignInError as failure:
         db.rollback()
         # Kept in the log so support can match it with Microsoft's trace and correlation IDs.
