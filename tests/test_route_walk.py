@@ -133,7 +133,12 @@ EXPECTED: dict[str, Rule] = {
     "GET /channels/microsoft365/admin-consent": Rule(ADMIN),
     "GET /auth/microsoft365/start": Rule(ADMIN),
     "GET /auth/microsoft365/callback": Rule(ADMIN),
+    "GET /channels/add": Rule(ADMIN),
+    # An invalid address answers 422 before Postdesk asks Microsoft for a token.
+    "POST /channels/app-only": Rule(ADMIN, form={"address": "not an address"}),
     "GET /channels/{channel_id}": Rule(ADMIN),
+    # The walked mailbox is a user's own, not a shared one: 409 without reaching out to Microsoft.
+    "POST /channels/{channel_id}/check-delegation": Rule(ADMIN),
     "POST /channels/{channel_id}/enable": Rule(ADMIN),
     "POST /channels/{channel_id}/disable": Rule(ADMIN),
     "POST /channels/{channel_id}/delete": Rule(ADMIN, form={"confirm": ""}),  # unconfirmed: 422, kept

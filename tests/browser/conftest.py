@@ -130,23 +130,28 @@ def connect_mailbox(desk: LiveDesk, sandbox: SandboxServer, mailbox: str) -> int
 
 
 @pytest.fixture
-def mail_desk(
+def app_desk(
     tmp_path: Path,
     sandbox: SandboxServer,
     directory: SandboxDirectory,
     dovecot: DovecotServer,
     smtp_submission: SubmissionServer,
     trusted_cas: Path,
-    mailbox_user: str,
-) -> Iterator[MailDesk]:
+) -> Iterator[LiveDesk]:
     """Postdesk on a real port, reading the test Dovecot and sending through the test submission server,
-    with the app registration saved and a mailbox of its own connected."""
+    with the app registration saved and no mailbox connected yet."""
     with live_desk(
         tmp_path, sandbox, ca_bundle=trusted_cas, dovecot=dovecot, submission=smtp_submission
     ) as desk:
         desk.save_app(directory)
-        channel_id = connect_mailbox(desk, sandbox, mailbox_user)
-        yield MailDesk(desk.url, desk.runtime, mailbox_user, channel_id)
+        yield desk
+
+
+@pytest.fixture
+def mail_desk(app_desk: LiveDesk, sandbox: SandboxServer, mailbox_user: str) -> MailDesk:
+    """The app desk with a mailbox of its own connected."""
+    channel_id = connect_mailbox(app_desk, sandbox, mailbox_user)
+    return MailDesk(app_desk.url, app_desk.runtime, mailbox_user, channel_id)
 
 
 def sign_in_page(page: Page, url: str, email: str = ADMIN, password: str = ADMIN_PASSWORD) -> None:

@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -47,7 +46,7 @@ from postdesk.runtime import Runtime
 from postdesk.sandbox.submission import SENT_ITEMS, Stage, SubmissionServer
 from tests.microsoft365 import conftest as m365
 from tests.microsoft365.conftest import delivery_of, fetch, queue_draft, tickets
-from tests.support.cli import environment_for, run_postdesk
+from tests.support.cli import run_postdesk, start_postdesk
 from tests.support.dovecot import DovecotServer
 from tests.support.mailfactory import customer_mail
 
@@ -490,12 +489,7 @@ def _flush_with_kills(
         _time_passes(runtime)
         in_doubt = run % 2 == 0 and len(submission.accepted) < total
         trigger = (_holding_an_answer if in_doubt else _rows_marked_sent)(runtime, submission, chance, total)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "postdesk", "outbox", "flush"],
-            env=environment_for(runtime.settings),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        process = start_postdesk(runtime.settings, "outbox", "flush")
         try:
             if len(kills) >= MAX_KILLS_PER_ROUND or not _wait_for(process, trigger):
                 submission.release_answers()

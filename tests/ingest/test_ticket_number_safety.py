@@ -43,6 +43,11 @@ def mail(subject: str, **fields: Any) -> bytes:
     return customer_mail(to=DESK, subject=subject, **fields)
 
 
+def follow_up(ticket_number: int, **fields: Any) -> bytes:
+    """A mail whose subject names the ticket, as a reply to Jana's question would."""
+    return mail(f"Re: [Ticket#{ticket_number}] Printer on fire", **fields)
+
+
 def ticket_of(runtime: Runtime, ending: Ending) -> tuple[int, str, TicketState, int]:
     """(number, customer, state, articles) of the ticket the message became part of."""
     assert ending.status is InboundStatus.PROCESSED, ending.reason
@@ -97,7 +102,7 @@ def test_the_customer_naming_the_ticket_number_joins_and_reopens_it(
 ) -> None:
     # From the customer's address in another case and with another display name: the same person.
     sender = "J. Novak <Jana.Novak@Example.ORG>"
-    [ending] = ingest(bench, mail(f"Re: [Ticket#{closed_ticket}] Printer on fire", sender=sender))
+    [ending] = ingest(bench, follow_up(closed_ticket, sender=sender))
     assert ticket_of(db_runtime, ending) == (closed_ticket, "jana.novak@example.org", TicketState.OPEN, 2)
     assert ending.reason == f"the subject names ticket {closed_ticket}, and the sender takes part in it"
 
@@ -105,8 +110,7 @@ def test_the_customer_naming_the_ticket_number_joins_and_reopens_it(
 def test_a_colleague_the_customer_copied_joins_the_ticket(
     bench: IngestBench, db_runtime: Runtime, closed_ticket: int
 ) -> None:
-    subject = f"Re: [Ticket#{closed_ticket}] Printer on fire"
-    [ending] = ingest(bench, mail(subject, sender="Piotr <piotr@example.org>"))
+    [ending] = ingest(bench, follow_up(closed_ticket, sender="Piotr <piotr@example.org>"))
     assert ticket_of(db_runtime, ending) == (closed_ticket, "jana.novak@example.org", TicketState.OPEN, 2)
 
 
@@ -123,17 +127,15 @@ def test_someone_an_agent_wrote_to_joins_the_ticket(
             body_text="We have asked your facilities team.",
         )
         add_article(session, ticket, reply)
-    [ending] = ingest(bench, mail(f"Re: [Ticket#{closed_ticket}] fire", sender="it-lead@example.org"))
+    [ending] = ingest(bench, follow_up(closed_ticket, sender="it-lead@example.org"))
     assert ticket_of(db_runtime, ending)[0] == closed_ticket
 
 
 def test_a_reply_from_a_new_address_that_answers_a_message_of_the_ticket_joins_it(
     bench: IngestBench, db_runtime: Runtime, closed_ticket: int
 ) -> None:
-    reply = mail(
-        f"Re: [Ticket#{closed_ticket}] Printer on fire",
-        sender="Jana at home <jana@home.example>",
-        extra_headers={"References": QUESTION_ID},
+    reply = follow_up(
+        closed_ticket, sender="Jana at home <jana@home.example>", extra_headers={"References": QUESTION_ID}
     )
     [ending] = ingest(bench, reply)
     assert ticket_of(db_runtime, ending) == (closed_ticket, "jana.novak@example.org", TicketState.OPEN, 2)
@@ -145,11 +147,7 @@ def test_a_reply_to_naming_the_customer_does_not_let_a_stranger_in(
 ) -> None:
     # A follow-up is answered at its From (outbox.queue.recipients_for): trusting Reply-To would send the
     # conversation to whoever wrote it.
-    forged = mail(
-        f"Re: [Ticket#{closed_ticket}] Printer on fire",
-        sender="mallory@attacker.example",
-        extra_headers={"Reply-To": CUSTOMER},
-    )
+    forged = follow_up(closed_ticket, sender="mallory@attacker.example", extra_headers={"Reply-To": CUSTOMER})
     [ending] = ingest(bench, forged)
     assert ticket_of(db_runtime, ending)[0] != closed_ticket
 

@@ -68,6 +68,7 @@ def m365_settings(
         ca_bundle=trusted_cas,
         microsoft_imap=f"127.0.0.1:{dovecot.port}",
         microsoft_smtp=f"127.0.0.1:{smtp_submission.port}",
+        microsoft_graph_url=sandbox.base_url,  # the sandbox serves Graph's mail API too
     )
 
 
@@ -144,14 +145,15 @@ def channels(runtime: Runtime) -> list[Channel]:
         return list(session.query(Channel).order_by(Channel.id))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def trusted_cas(
     sandbox: SandboxServer,
     dovecot: DovecotServer,
     submission: SubmissionServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
-    """POSTDESK_CA_BUNDLE for a desk that talks to the sandbox, Dovecot and the submission server."""
+    """POSTDESK_CA_BUNDLE for a desk that talks to the sandbox, Dovecot and the submission server: one
+    per module, so that it trusts a module's own servers (tests/microsoft365/own_mail_servers.py)."""
     return ca_bundle(tmp_path_factory.mktemp("cas") / "cas.pem", sandbox, dovecot, submission)
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from postdesk.db.models import Channel, ChannelEvent, MicrosoftApp, Transport
 from postdesk.db.session import transaction
 from postdesk.doctor import CheckFailed, Diagnosis, check_token_claims, diagnose
-from postdesk.microsoft.clouds import CLOUDS
+from postdesk.microsoft.clouds import CLOUDS, GRAPH_MAIL_PERMISSIONS
 from postdesk.microsoft.identity import MicrosoftIdentity, load_cache
 from postdesk.runtime import Runtime
 from postdesk.sandbox import CONTOSO_TENANT_ID, RegisteredApp, SandboxDirectory, SandboxServer
@@ -341,17 +341,32 @@ def test_a_test_message_is_sent_only_when_asked_and_arrives(
     assert b"Auto-Submitted: auto-generated" in delivered
 
 
-def test_a_graph_mailbox_checks_the_sign_in_and_skips_imap_and_smtp(
-    m365_runtime: Runtime, channel_id: int
+def test_a_graph_mailbox_checks_the_sign_in_and_the_mailbox_and_skips_imap_and_smtp(
+    m365_runtime: Runtime, channel_id: int, mailbox_user: str, directory: SandboxDirectory
 ) -> None:
     _change_channel(m365_runtime, channel_id, transport=Transport.GRAPH)
+    user = directory.find_user(mailbox_user)
+    assert user is not None
+    with m365_runtime.sessions() as session:
+        client_id = session.scalars(select(MicrosoftApp.client_id)).one()
+    # Without consent to Graph's mail permissions the token layer fails and says so.
+    refused = diagnose(m365_runtime, channel_id)
+    assert _statuses(refused)["token"] == "failed"
+    directory.grant_consent(
+        user.oid, client_id, [f"https://graph.microsoft.com/{name}" for name in GRAPH_MAIL_PERMISSIONS]
+    )
     diagnosis = diagnose(m365_runtime, channel_id)
     assert diagnosis.ok
     statuses = _statuses(diagnosis)
-    assert [name for name in LAYERS if statuses[name] == "ok"] == ["settings", "discovery", "token"]
+    assert [name for name in LAYERS if statuses[name] == "ok"] == [
+        "settings",
+        "discovery",
+        "token",
+        "graph_mailbox",
+    ]
     details = {check.name: check.detail for check in diagnosis.checks}
     assert details["imap_auth"] == "This mailbox is read through Microsoft Graph, not IMAP and SMTP."
-    assert "no Graph transport yet" in details["graph_mailbox"]
+    assert details["graph_mailbox"] == f"Graph opened {mailbox_user}: the folder 'INBOX' is there."
 
 
 def test_the_test_connection_button_shows_the_result_and_logs_who_ran_it(

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from postdesk import storage
-from postdesk.config import Settings
 from postdesk.db.models import (
     BacklogPolicy,
     Channel,
@@ -39,7 +39,6 @@ from postdesk.transports.errors import OutcomeUnknown
 from postdesk.transports.graph import GraphMailbox
 from tests.microsoft365.conftest import (
     QUESTION_ID,
-    SECRET_KEY,
     SignIn,
     changing_delivery,
     channels,
@@ -48,31 +47,9 @@ from tests.microsoft365.conftest import (
     queue_draft,
     tickets,
 )
-from tests.support.dovecot import DovecotServer
 from tests.support.mailfactory import customer_mail
 
 GRAPH_RESOURCE = "https://graph.microsoft.com"
-
-
-@pytest.fixture
-def m365_settings(
-    tmp_path: Path,
-    sandbox: SandboxServer,
-    dovecot: DovecotServer,
-    smtp_submission: SubmissionServer,
-    trusted_cas: Path,
-) -> Settings:
-    """The usual desk, with Graph at the sandbox."""
-    return Settings(
-        data_dir=tmp_path / "data",
-        secret_key=SECRET_KEY,
-        base_url="http://127.0.0.1:8025",
-        microsoft_login_url=sandbox.base_url,
-        microsoft_graph_url=sandbox.base_url,
-        ca_bundle=trusted_cas,
-        microsoft_imap=f"127.0.0.1:{dovecot.port}",
-        microsoft_smtp=f"127.0.0.1:{smtp_submission.port}",
-    )
 
 
 @pytest.fixture
@@ -375,3 +352,56 @@ def test_an_interrupted_send_is_settled_through_sent_items_without_a_duplicate(
     assert (second.already_sent, second.sent) == ((1, 0) if went_out else (0, 1))
     assert delivery_of(m365_runtime, article_id).status is DeliveryStatus.SENT
     assert len(sent_from(store, mailbox_user)) == 1
+
+
+# -- folders and shared mailboxes -----------------------------------------------------------------
+
+
+def test_a_folder_chosen_by_its_path_is_read_instead_of_the_inbox(
+    m365_runtime: Runtime, graph_channel: int, store: GraphMailStore, mailbox_user: str, desk: TestClient
+) -> None:
+    inbox = store.folder_id(mailbox_user, "inbox")
+    store.create_folder(mailbox_user, "Customers", parent=inbox)
+    listed = desk.get(f"/channels/{graph_channel}/folders")
+    assert "Inbox/Customers" in listed.text  # the folder picker shows Graph's folders by path
+    with transaction(m365_runtime.sessions) as session:
+        row = session.get(Channel, graph_channel)
+        assert row is not None
+        row.folder = "Inbox/Customers"
+    deliver(store, mailbox_user, subject="Left in the Inbox")
+    deliver(store, mailbox_user, subject="Filed for support", folder="Customers")
+
+    assert fetch(m365_runtime, graph_channel).fetched == 1
+
+    assert [t.title for t in tickets(m365_runtime)] == ["Filed for support"]
+    assert channel_row(m365_runtime, graph_channel).graph_folder_id == store.folder_id(
+        mailbox_user, "Customers"
+    )
+
+
+def test_a_shared_mailbox_on_graph_is_read_and_answered_as_itself_through_a_delegate(
+    signin: SignIn,
+    m365_runtime: Runtime,
+    directory: SandboxDirectory,
+    store: GraphMailStore,
+    mailbox_user: str,
+) -> None:
+    shared = directory.add_shared_mailbox(f"graph-help-{time.monotonic_ns()}@contoso.onmicrosoft.com", "Help")
+    directory.grant_mailbox_rights(shared, mailbox_user, full_access=True, send_as=True)
+
+    connected = signin.connect(mailbox_user, query=f"?transport=graph&mailbox=shared&shared_address={shared}")
+
+    assert connected.status_code == 303, connected.text
+    [channel] = channels(m365_runtime)
+    assert (channel.email, channel.shared, channel.transport) == (shared, True, Transport.GRAPH)
+    assert channel.account_username == mailbox_user
+    deliver(store, shared, subject="Invoice question")
+    assert fetch(m365_runtime, channel.id).fetched == 1
+    [ticket] = tickets(m365_runtime)
+    queue_draft(m365_runtime, ticket.number, Draft(kind="reply", body_text="Here is your invoice."))
+
+    assert send_due(m365_runtime).sent == 1
+
+    [sent] = sent_from(store, shared)
+    assert (sent.mailbox, sent.sender) == (shared, shared)
+    assert store.messages(mailbox_user) == []  # the delegate's own mailbox is not involved

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from postdesk.sandbox.submission import Stage, SubmissionServer
 from postdesk.transports.errors import OutcomeUnknown
 from postdesk.transports.smtp import SmtpSubmission
 from tests.microsoft365.conftest import Inbox, changing_delivery, delivery_of, queue_draft, receive_mail
-from tests.support.cli import environment_for, run_postdesk
+from tests.support.cli import run_postdesk, start_postdesk
 from tests.support.dovecot import DovecotServer, inbox
 
 # Exchange Online's answer to the message data when it is too busy: a temporary failure.
@@ -316,12 +314,7 @@ def test_kill_9_after_the_server_took_the_message_never_sends_twice(
 ) -> None:
     article_id = queue_draft(m365_runtime, ticket_number, Draft(kind="reply", body_text="Exactly once."))
     smtp_submission.hold_answers()  # the server takes the message but has not said 250 yet
-    process = subprocess.Popen(
-        [sys.executable, "-m", "postdesk", "outbox", "flush"],
-        env=environment_for(m365_runtime.settings),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_postdesk(m365_runtime.settings, "outbox", "flush")
     try:
         deadline = time.monotonic() + 60
         while not smtp_submission.accepted and time.monotonic() < deadline and process.poll() is None:

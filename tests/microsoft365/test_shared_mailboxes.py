@@ -9,8 +9,6 @@ Refused logins make Dovecot slow down later logins from the same address, so thi
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -24,6 +22,7 @@ from postdesk.sandbox import CONTOSO_TENANT_ID, SandboxDirectory, SandboxServer
 from postdesk.sandbox.graph import MailboxRight
 from postdesk.sandbox.submission import SubmissionServer
 from tests.conftest import csrf_from
+from tests.microsoft365 import own_mail_servers
 from tests.microsoft365.conftest import (
     Inbox,
     SignIn,
@@ -34,41 +33,10 @@ from tests.microsoft365.conftest import (
     receive_mail,
 )
 from tests.support.dovecot import DovecotServer
-from tests.support.tls import ca_bundle
 
 _numbers = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def dovecot(sandbox: SandboxServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DovecotServer]:
-    server = DovecotServer(
-        tmp_path_factory.mktemp("dovecot-shared"),
-        sandbox_base_url=sandbox.base_url,
-        sandbox_ca=sandbox.ca_path,
-    )
-    with server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def submission(
-    sandbox: SandboxServer, dovecot: DovecotServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[SubmissionServer]:
-    server = SubmissionServer(
-        sandbox.directory, tmp_path_factory.mktemp("submission-shared"), dovecot=dovecot
-    )
-    with server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def trusted_cas(
-    sandbox: SandboxServer,
-    dovecot: DovecotServer,
-    submission: SubmissionServer,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Path:
-    return ca_bundle(tmp_path_factory.mktemp("cas-shared") / "cas.pem", sandbox, dovecot, submission)
+dovecot = own_mail_servers.dovecot
+submission = own_mail_servers.submission
 
 
 @pytest.fixture

@@ -154,6 +154,27 @@ def mime_body(raw: bytes) -> bytes:
     return base64.encodebytes(raw)  # line-wrapped base64, as Graph's own example shows
 
 
+def post_mime(graph: httpx.Client, url: str, token: str, raw: bytes) -> httpx.Response:
+    """POST a MIME message the way Graph takes one: base64 in a text/plain body."""
+    return graph.post(url, content=mime_body(raw), headers=bearer(token, **{"Content-Type": "text/plain"}))
+
+
+def deliver_numbered(store: GraphMailStore, user: str, subject: str, count: int) -> list[str]:
+    """``count`` customer mails in the user's inbox, subjects "<subject> 0", "<subject> 1", ...: their ids."""
+    return [store.deliver(user, customer_mail(f"{subject} {n}", to=user)) for n in range(count)]
+
+
+def create_upload_session(
+    graph: httpx.Client, token: str, draft_id: str, *, name: str, size: int
+) -> httpx.Response:
+    """Ask for an upload session for a file attachment of ``size`` bytes to the draft."""
+    return graph.post(
+        f"/me/messages/{draft_id}/attachments/createUploadSession",
+        json={"AttachmentItem": {"attachmentType": "file", "name": name, "size": size}},
+        headers=bearer(token),
+    )
+
+
 def assert_graph_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert response.status_code == status, response.text
     error: dict[str, Any] = response.json()["error"]
@@ -236,8 +257,7 @@ def test_messages_in_a_folder_page_with_top_and_select(
     graph: httpx.Client, store: GraphMailStore, token_for: TokenFor, new_user: NewAddress
 ) -> None:
     user = new_user()
-    for number in range(3):
-        store.deliver(user, customer_mail(f"Question {number}", to=user))
+    deliver_numbered(store, user, "Question", 3)
     url = "/me/mailFolders/inbox/messages"
 
     first = graph.get(url, params={"$top": "2", "$select": "subject"}, headers=bearer(token_for(user))).json()
@@ -337,7 +357,7 @@ def test_delta_pages_a_folder_then_replays_only_what_changed(
 ) -> None:
     user = new_user()
     token = token_for(user)
-    ids = [store.deliver(user, customer_mail(f"Old {n}", to=user)) for n in range(5)]
+    ids = deliver_numbered(store, user, "Old", 5)
     url = "/me/mailFolders/inbox/messages/delta"
 
     first = graph.get(url, headers=bearer(token, Prefer="odata.maxpagesize=2"))
@@ -376,8 +396,7 @@ def test_replaying_a_next_link_gives_the_same_page(
 ) -> None:
     user = new_user()
     token = token_for(user)
-    for n in range(3):
-        store.deliver(user, customer_mail(f"Mail {n}", to=user))
+    deliver_numbered(store, user, "Mail", 3)
     first = graph.get(
         "/me/mailFolders/inbox/messages/delta", headers=bearer(token, Prefer="odata.maxpagesize=1")
     )
@@ -460,11 +479,7 @@ def test_send_mail_with_mime_delivers_and_keeps_a_copy_in_sent_items(
     agent, colleague = new_user(), new_user()
     raw = reply_mime(agent, to=f"{CUSTOMER}, {colleague}")
 
-    response = graph.post(
-        "/me/sendMail",
-        content=mime_body(raw),
-        headers=bearer(token_for(agent), **{"Content-Type": "text/plain"}),
-    )
+    response = post_mime(graph, "/me/sendMail", token_for(agent), raw)
 
     assert response.status_code == 202, response.text
     assert response.content == b""
@@ -550,11 +565,7 @@ def test_a_request_over_4_mb_answers_413(
         b"\0" * (3 * 1024 * 1024 + 512 * 1024), maintype="application", subtype="octet-stream"
     )
 
-    response = graph.post(
-        "/me/sendMail",
-        content=mime_body(message.as_bytes()),
-        headers=bearer(token_for(agent), **{"Content-Type": "text/plain"}),
-    )
+    response = post_mime(graph, "/me/sendMail", token_for(agent), message.as_bytes())
 
     assert_graph_error(response, 413, "RequestEntityTooLarge")
     assert store.messages(agent, "sentitems") == []
@@ -565,20 +576,12 @@ def test_a_draft_from_mime_gets_a_large_attachment_in_ranges_and_is_sent(
 ) -> None:
     agent, colleague = new_user(), new_user()
     token = token_for(agent)
-    draft = graph.post(
-        "/me/messages",
-        content=mime_body(reply_mime(agent, to=colleague)),
-        headers=bearer(token, **{"Content-Type": "text/plain"}),
-    )
+    draft = post_mime(graph, "/me/messages", token, reply_mime(agent, to=colleague))
     assert draft.status_code == 201, draft.text
     assert draft.json()["isDraft"] is True
     assert draft.json()["parentFolderId"] == store.folder_id(agent, "drafts")
     content = bytes(range(256)) * (4 * 1024 * 1024 // 256)  # 4 MB: two ranges of 2 MB
-    session = graph.post(
-        f"/me/messages/{draft.json()['id']}/attachments/createUploadSession",
-        json={"AttachmentItem": {"attachmentType": "file", "name": "logs.bin", "size": len(content)}},
-        headers=bearer(token),
-    )
+    session = create_upload_session(graph, token, draft.json()["id"], name="logs.bin", size=len(content))
     assert session.status_code == 201, session.text
     assert session.json()["nextExpectedRanges"] == ["0-"]
     upload_url, half = session.json()["uploadUrl"], len(content) // 2
@@ -613,11 +616,7 @@ def test_an_upload_range_out_of_order_is_refused(
     token = token_for(agent)
     draft = graph.post("/me/messages", json={"subject": "Draft"}, headers=bearer(token)).json()
     size = 3 * 1024 * 1024
-    session = graph.post(
-        f"/me/messages/{draft['id']}/attachments/createUploadSession",
-        json={"AttachmentItem": {"attachmentType": "file", "name": "a.bin", "size": size}},
-        headers=bearer(token),
-    ).json()
+    session = create_upload_session(graph, token, draft["id"], name="a.bin", size=size).json()
 
     response = graph.put(
         session["uploadUrl"], content=b"x" * 10, headers={"Content-Range": f"bytes 5-14/{size}"}
@@ -633,11 +632,7 @@ def test_an_upload_session_for_a_small_file_is_refused(
     token = token_for(agent)
     draft = graph.post("/me/messages", json={"subject": "Draft"}, headers=bearer(token)).json()
 
-    response = graph.post(
-        f"/me/messages/{draft['id']}/attachments/createUploadSession",
-        json={"AttachmentItem": {"attachmentType": "file", "name": "tiny.txt", "size": 1000}},
-        headers=bearer(token),
-    )
+    response = create_upload_session(graph, token, draft["id"], name="tiny.txt", size=1000)
 
     assert_graph_error(response, 400, "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize")
 
@@ -759,12 +754,11 @@ def test_sending_from_a_shared_mailbox_needs_send_as(
 ) -> None:
     agent, shared = new_user(), new_shared()
     token = token_for(agent, scope=SHARED)
-    body = mime_body(reply_mime(shared))
-    plain = {"Content-Type": "text/plain"}
+    reply = reply_mime(shared)
 
-    refused = graph.post(f"/users/{shared}/sendMail", content=body, headers=bearer(token, **plain))
+    refused = post_mime(graph, f"/users/{shared}/sendMail", token, reply)
     store.grant(shared, agent, MailboxRight.SEND_AS)
-    allowed = graph.post(f"/users/{shared}/sendMail", content=body, headers=bearer(token, **plain))
+    allowed = post_mime(graph, f"/users/{shared}/sendMail", token, reply)
 
     assert_graph_error(refused, 403, "ErrorSendAsDenied")
     assert allowed.status_code == 202, allowed.text
@@ -781,11 +775,7 @@ def test_me_send_mail_from_another_address_needs_send_as(
 ) -> None:
     agent, shared = new_user(), new_shared()
 
-    response = graph.post(
-        "/me/sendMail",
-        content=mime_body(reply_mime(shared)),
-        headers=bearer(token_for(agent), **{"Content-Type": "text/plain"}),
-    )
+    response = post_mime(graph, "/me/sendMail", token_for(agent), reply_mime(shared))
 
     assert_graph_error(response, 403, "ErrorSendAsDenied")
     assert store.messages(agent, "sentitems") == []
@@ -800,11 +790,7 @@ def test_an_app_only_token_reaches_any_mailbox_but_not_me(
 
     listed = graph.get(f"/users/{shared}/messages", headers=bearer(token))
     me = graph.get("/me/messages", headers=bearer(token))
-    send = graph.post(
-        f"/users/{shared}/sendMail",
-        content=mime_body(reply_mime(shared)),
-        headers=bearer(token, **{"Content-Type": "text/plain"}),
-    )
+    send = post_mime(graph, f"/users/{shared}/sendMail", token, reply_mime(shared))
 
     assert [m["subject"] for m in listed.json()["value"]] == ["Via the daemon"]
     assert_graph_error(me, 400, "BadRequest")

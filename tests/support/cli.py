@@ -20,6 +20,7 @@ def environment_for(settings: Settings) -> dict[str, str]:
         "MICROSOFT_LOGIN_URL": settings.microsoft_login_url,
         "MICROSOFT_IMAP": settings.microsoft_imap,
         "MICROSOFT_SMTP": settings.microsoft_smtp,
+        "MICROSOFT_GRAPH_URL": str(settings.microsoft_graph_url) if settings.microsoft_graph_url else None,
         "CA_BUNDLE": str(settings.ca_bundle) if settings.ca_bundle else None,
         "LOG_LEVEL": "WARNING",
     }
@@ -35,4 +36,14 @@ def run_postdesk(settings: Settings, *args: str) -> subprocess.CompletedProcess[
         text=True,
         timeout=120,
         check=False,
+    )
+
+
+def start_postdesk(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
+    """Start the `postdesk` command in the background, its output thrown away, for a test to kill."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "postdesk", *args],
+        env=environment_for(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )

@@ -28,7 +28,7 @@ from postdesk.transports.graph import (
     detach_attachments,
 )
 from tests.sandbox import test_graph_api as graph_api
-from tests.sandbox.test_graph_api import SHARED, NewAddress, TokenFor, customer_mail
+from tests.sandbox.test_graph_api import SHARED, NewAddress, TokenFor, customer_mail, deliver_numbered
 
 # The sandbox Graph tests' fixtures, reused: a Graph app, the store (reset around each test), tokens,
 # fresh users and shared mailboxes.
@@ -200,8 +200,7 @@ def test_a_delta_round_pages_through_the_folder_and_the_next_has_only_the_change
     open_mailbox: OpenMailbox, store: GraphMailStore, token_for: TokenFor, new_user: NewAddress
 ) -> None:
     user = new_user()
-    for number in range(12):
-        store.deliver(user, customer_mail(f"Ticket {number}", to=user))
+    deliver_numbered(store, user, "Ticket", 12)
     mailbox = open_mailbox(None, token=token_for(user), page_size=5)
 
     first = mailbox.delta("inbox")
@@ -228,8 +227,7 @@ def test_the_delta_link_is_known_only_after_the_last_page(
     open_mailbox: OpenMailbox, store: GraphMailStore, token_for: TokenFor, new_user: NewAddress
 ) -> None:
     user = new_user()
-    for number in range(3):
-        store.deliver(user, customer_mail(f"Ticket {number}", to=user))
+    deliver_numbered(store, user, "Ticket", 3)
     round_ = open_mailbox(None, token=token_for(user), page_size=2).delta("inbox")
     pages = iter(round_)
     next(pages)
@@ -266,8 +264,7 @@ def test_a_delta_state_lost_in_the_middle_of_a_round_restarts_it_in_full(
     open_mailbox: OpenMailbox, store: GraphMailStore, token_for: TokenFor, new_user: NewAddress
 ) -> None:
     user = new_user()
-    for number in range(5):
-        store.deliver(user, customer_mail(f"Ticket {number}", to=user))
+    deliver_numbered(store, user, "Ticket", 5)
     round_ = open_mailbox(None, token=token_for(user), page_size=2).delta("inbox")
     pages = iter(round_)
     before = next(pages)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,14 +11,23 @@ import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from postdesk.cli.common import console, fail, print_json, start
-from postdesk.db.models import Channel, MicrosoftApp
+from postdesk.cli.common import console, errors, fail, print_json, start
+from postdesk.db.models import Channel, MicrosoftApp, Transport
 from postdesk.db.session import transaction
 from postdesk.db.types import utcnow
+from postdesk.microsoft.app_only import (
+    AddressProblem,
+    AppGrant,
+    AppOnlyOutcome,
+    add_app_only_mailbox,
+    rbac_powershell,
+)
 from postdesk.microsoft.audit import describe_app_change, record_credential_change
 from postdesk.microsoft.certificates import generate_certificate, load_certificate_and_key
 from postdesk.microsoft.connect import current_registration
+from postdesk.microsoft.identity import MicrosoftIdentity, NotConfigured
 from postdesk.microsoft.registration import normalise_tenant, parse_account_types, validate_app_registration
+from postdesk.microsoft.tokens import TokenError, app_access_token
 
 microsoft365_app = typer.Typer(help="The Microsoft Entra ID app registration.", no_args_is_help=True)
 app_commands = typer.Typer(help="Set or show the app registration.", no_args_is_help=True)
@@ -168,6 +178,8 @@ def channel_json(channel: Channel) -> dict[str, Any]:
         "email": channel.email,
         "display_name": channel.display_name,
         "transport": channel.transport.value,
+        "shared": channel.shared,
+        "app_only": channel.app_only,
         "status": channel.status.value,
         "signed_in_as": channel.account_username,
         "tenant_id": channel.tenant_id,
@@ -199,3 +211,68 @@ def channel_list(
             row["last_error"] or "",
         )
     console.print(table if rows else "No mailboxes connected.")
+
+
+@app.command("add-app-only")
+def channel_add_app_only(
+    address: Annotated[str, typer.Argument(help="The mailbox, e.g. support@contoso.com.")],
+    transport: Annotated[str, typer.Option(help="graph (app-only IMAP/SMTP is not offered yet).")] = "graph",
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Add a mailbox that Postdesk opens as the app itself (no sign-in), after checking access."""
+    if transport not in {choice.value for choice in Transport}:
+        fail("--transport must be graph")
+    runtime = start()
+    outcome = add_app_only_mailbox(runtime, address, transport=Transport(transport))
+    if json_output:
+        print_json(dataclasses.asdict(outcome) | {"ok": outcome.ok})
+    else:
+        _print_app_only_outcome(outcome)
+    if not outcome.ok:
+        raise typer.Exit(1)
+
+
+def _print_app_only_outcome(outcome: AppOnlyOutcome) -> None:
+    if outcome.ok:
+        console.print(f"Added {outcome.address} (channel {outcome.channel_id}), app-only through Graph.")
+    else:
+        errors.print(f"[bold red]error:[/] {outcome.problem}", highlight=False)
+        if outcome.fix:
+            errors.print(f"How to fix it: {outcome.fix}", highlight=False)
+    for warning in outcome.warnings:
+        _warn(warning)
+    if outcome.powershell:
+        # Plain stdout, so the lines can be piped or copied as they are.
+        print(outcome.powershell)
+
+
+@app.command("app-only-powershell")
+def channel_app_only_powershell(
+    addresses: Annotated[list[str], typer.Argument(help="The mailboxes the app may open, and only these.")],
+    object_id: Annotated[
+        str | None,
+        typer.Option(help="The enterprise application's object ID (default: asked from Microsoft)."),
+    ] = None,
+) -> None:
+    """Print the Exchange Online PowerShell that limits the app to these mailboxes (RBAC for Applications)."""
+    runtime = start()
+    with runtime.sessions() as session:
+        registration = current_registration(session)
+        if registration is None:
+            fail("no app registration yet; run: postdesk microsoft365 app set --help")
+        identity = MicrosoftIdentity(runtime.settings, registration)
+        if object_id is None:
+            object_id = _service_principal_id(identity)
+        try:
+            print(rbac_powershell(registration.client_id, addresses, object_id=object_id))
+        except AddressProblem as exc:
+            fail(str(exc))
+
+
+def _service_principal_id(identity: MicrosoftIdentity) -> str | None:
+    """The app's service principal in the tenant, from its app-only token (``oid``), if it gets one."""
+    try:
+        return AppGrant.of(app_access_token(identity).value).object_id
+    except (TokenError, NotConfigured) as exc:
+        _warn(f"the enterprise application's object ID is unknown ({exc}); fill it in by hand")
+        return None

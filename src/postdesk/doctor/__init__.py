@@ -17,8 +17,12 @@ from postdesk.db.models import Channel, ChannelEvent, Transport
 from postdesk.doctor import mailservers, signin
 from postdesk.doctor.model import Check, CheckFailed, CheckSkipped, Diagnosis, Probe
 from postdesk.doctor.signin import check_token_claims
+from postdesk.microsoft.clouds import endpoints_for
+from postdesk.microsoft.identity import tls_context
 from postdesk.runtime import Runtime
 from postdesk.security.redact import redact
+from postdesk.transports.errors import TransportError
+from postdesk.transports.graph import GraphMailbox
 
 __all__ = ["Check", "CheckFailed", "Diagnosis", "check_token_claims", "diagnose", "record"]
 
@@ -36,8 +40,27 @@ class _Layer:
 
 
 def _graph_mailbox(probe: Probe) -> str:
-    # Replaced by a real request to /users/{mailbox} when the Graph transport exists.
-    raise CheckSkipped("Postdesk has no Graph transport yet; this check arrives with it.")
+    """List the mailbox's folders through Graph with the token just acquired: the request the fetch
+    makes first. Graph's refusal already says what to fix (missing consent, a shared mailbox without
+    FullAccess, a mailbox not in Exchange Online) and carries the ids Microsoft support asks for."""
+    assert probe.access_token is not None
+    settings = probe.runtime.settings
+    with GraphMailbox(
+        endpoints_for(settings).graph_url,
+        probe.email,
+        token=probe.access_token,
+        ssl_context=tls_context(settings),
+        delegate=probe.login_name if probe.shared else None,
+        max_retry_wait=10.0,
+    ) as graph:
+        try:
+            folders = graph.folders()
+        except TransportError as exc:
+            raise CheckFailed(f"Graph refused to open the mailbox {probe.email}.", str(exc)) from exc
+    wanted = probe.folder.lower()
+    found = any(folder.path.lower() == wanted or folder.id == probe.folder for folder in folders)
+    where = f"the folder {probe.folder!r} is there" if found else f"{len(folders)} folders"
+    return f"Graph opened {probe.email}: {where}."
 
 
 LAYERS = (

@@ -70,7 +70,7 @@ def authority_discovery(probe: Probe) -> str:
     identity = _identity(probe)
     url = f"{identity.authority}/v2.0/.well-known/openid-configuration"
     try:
-        document = identity.openid_configuration()
+        document = identity.openid_configuration(fresh=True)  # what the network says now
     except requests.HTTPError as exc:
         raise _refusal(identity, exc.response, url) from exc
     except requests.RequestException as exc:
@@ -102,11 +102,11 @@ def token_acquisition(probe: Probe) -> str:
             raise _unreachable(identity.endpoints.login_url, exc, "the token endpoint") from exc
         finally:
             session.commit()  # a rotated refresh token must never be lost
+        how = (
+            "The app signed in as itself (app-only)" if channel.app_only else "The refresh token was redeemed"
+        )
     probe.access_token = token.value
-    return (
-        f"The refresh token was redeemed; the new access token is valid until "
-        f"{token.expires_at:%Y-%m-%d %H:%M} UTC."
-    )
+    return f"{how}; the new access token is valid until {token.expires_at:%Y-%m-%d %H:%M} UTC."
 
 
 def token_claims(probe: Probe) -> str:

@@ -143,6 +143,7 @@ class _Plan:
 
     channel_id: int
     account: GraphAccount
+    folder: str  # the folder's path as the admin chose it ("INBOX", "Inbox/Customers")
     folder_id: str | None
     delta_link: str | None
     delete_after_fetch: bool
@@ -157,6 +158,7 @@ class _Plan:
         return cls(
             channel_id=channel.id,
             account=GraphAccount.of(channel),
+            folder=channel.folder,
             folder_id=channel.graph_folder_id,
             delta_link=channel.graph_delta_link,
             delete_after_fetch=channel.delete_after_fetch,
@@ -182,6 +184,19 @@ class _Plan:
 
 
 Progress = Callable[[int, int], None] | None
+
+
+@dataclass
+class _Pass:
+    """What one fetch pass carries from round to round: where it reads, what it stored, whom it tells."""
+
+    runtime: Runtime
+    mailbox: ChannelMailbox
+    plan: _Plan
+    folder_id: str
+    result: FetchResult
+    kept: _Kept
+    progress: Progress
 
 
 def fetch_graph(
@@ -212,19 +227,32 @@ def _fetch_pass(runtime: Runtime, result: FetchResult, token: str, progress: Pro
         plan = _Plan.of(channel)
     kept = _Kept()
     with open_channel_mailbox(runtime, plan.account, token) as mailbox:
-        folder_id = plan.folder_id or _settle_folder(runtime, mailbox, plan.channel_id)
+        folder_id = plan.folder_id or _settle_folder(runtime, mailbox, plan.channel_id, plan.folder)
         _finish_server_actions(runtime, mailbox, plan, folder_id)
-        counted = _new_mail_round(runtime, mailbox, plan, folder_id, result, kept, progress)
+        fetch_pass = _Pass(runtime, mailbox, plan, folder_id, result, kept, progress)
+        counted = _new_mail_round(fetch_pass)
         if plan.backlog_open and plan.backlog_confirmed:
-            _backlog_round(runtime, mailbox, plan, folder_id, result, kept, progress)
+            _backlog_round(fetch_pass)
         elif counted is not None:
             _note_backlog_count(runtime, plan.channel_id, counted)
             result.backlog_waiting = counted or None
     return kept.by_digest
 
 
-def _settle_folder(runtime: Runtime, mailbox: ChannelMailbox, channel_id: int) -> str:
-    folder_id = mailbox.folder_id(DEFAULT_FOLDER)
+def _settle_folder(runtime: Runtime, mailbox: ChannelMailbox, channel_id: int, folder: str) -> str:
+    """The id of the folder chosen by its path (the Inbox by default), kept on the channel: Graph's ids
+    survive renames, paths do not. A new folder starts a new delta round."""
+    wanted = folder.strip().strip("/").lower()
+    if wanted in ("", DEFAULT_FOLDER):
+        folder_id = mailbox.folder_id(DEFAULT_FOLDER)
+    else:
+        found = [choice.id for choice in mailbox.folders() if choice.path.lower() == wanted]
+        if not found:
+            raise TransportError(
+                f"the mailbox has no folder {folder!r}; choose one under Channels › the mailbox › Mail",
+                permanent=True,
+            )
+        folder_id = found[0]
     with runtime.sessions() as session, session.begin():
         session.execute(
             update(Channel)
@@ -235,19 +263,12 @@ def _settle_folder(runtime: Runtime, mailbox: ChannelMailbox, channel_id: int) -
     return folder_id
 
 
-def _new_mail_round(
-    runtime: Runtime,
-    mailbox: ChannelMailbox,
-    plan: _Plan,
-    folder_id: str,
-    result: FetchResult,
-    kept: _Kept,
-    progress: Progress,
-) -> int | None:
+def _new_mail_round(fetch_pass: _Pass) -> int | None:
     """Store what is new since the delta link, then save the round's link. On the first round also
     counts the backlog the first-connection choice would import (returned; None on later rounds)."""
+    plan = fetch_pass.plan
     # Only creations: Postdesk's own "read" flags would otherwise come back as changes every round.
-    round_ = mailbox.delta(folder_id, plan.delta_link, change_type="created")
+    round_ = fetch_pass.mailbox.delta(fetch_pass.folder_id, plan.delta_link, change_type="created")
     first_round = plan.delta_link is None
     backlog = 0
     for page in round_:
@@ -255,10 +276,10 @@ def _new_mail_round(
         new = [m for m in page.messages if plan.is_new(m, full_round=full_round)]
         if first_round and plan.backlog_open:
             backlog += sum(1 for m in page.messages if plan.wants_from_backlog(m))
-        _store_messages(runtime, mailbox, plan, folder_id, new, result, kept, progress)
+        _store_messages(fetch_pass, new)
     if round_.resynced:
         log.warning("channel %s: Graph lost the delta state; the folder was read afresh", plan.channel_id)
-    save_delta_link(runtime, plan.channel_id, round_.delta_link)
+    save_delta_link(fetch_pass.runtime, plan.channel_id, round_.delta_link)
     return backlog if first_round and plan.backlog_open else None
 
 
@@ -273,21 +294,14 @@ def save_delta_link(runtime: Runtime, channel_id: int, delta_link: str) -> None:
         )
 
 
-def _backlog_round(
-    runtime: Runtime,
-    mailbox: ChannelMailbox,
-    plan: _Plan,
-    folder_id: str,
-    result: FetchResult,
-    kept: _Kept,
-    progress: Progress,
-) -> None:
+def _backlog_round(fetch_pass: _Pass) -> None:
     """Import the confirmed backlog: a full round of its own, keeping the older mail the choice wants.
     Interrupted, it runs again at the next pass; what it stored already is skipped."""
-    for page in mailbox.delta(folder_id):
+    plan = fetch_pass.plan
+    for page in fetch_pass.mailbox.delta(fetch_pass.folder_id):
         wanted = [m for m in page.messages if plan.wants_from_backlog(m)]
-        _store_messages(runtime, mailbox, plan, folder_id, wanted, result, kept, progress)
-    with runtime.sessions() as session, session.begin():
+        _store_messages(fetch_pass, wanted)
+    with fetch_pass.runtime.sessions() as session, session.begin():
         channel = session.get(Channel, plan.channel_id)
         assert channel is not None
         channel.backlog_done = True
@@ -307,24 +321,17 @@ def _note_backlog_count(runtime: Runtime, channel_id: int, count: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _store_messages(
-    runtime: Runtime,
-    mailbox: ChannelMailbox,
-    plan: _Plan,
-    folder_id: str,
-    messages: Sequence[DeltaMessage],
-    result: FetchResult,
-    kept: _Kept,
-    progress: Progress,
-) -> None:
+def _store_messages(fetch_pass: _Pass, messages: Sequence[DeltaMessage]) -> None:
+    runtime, mailbox, plan = fetch_pass.runtime, fetch_pass.mailbox, fetch_pass.plan
+    folder_id, result = fetch_pass.folder_id, fetch_pass.result
     known = _known_uids(runtime, plan.channel_id, folder_id, [uid_for(m.id) for m in messages])
     todo = [m for m in messages if uid_for(m.id) not in known]
     total = result.fetched + len(todo)  # as far as this page tells: delta rounds have no total
     for batch in _downloaded(mailbox, todo):
-        kept.add(_store_batch(runtime, plan.channel_id, folder_id, batch))
+        fetch_pass.kept.add(_store_batch(runtime, plan.channel_id, folder_id, batch))
         _server_actions(runtime, mailbox, plan, folder_id, [message_id for message_id, _raw in batch])
         result.fetched += len(batch)
-        _report_progress(runtime, result, total, progress)
+        _report_progress(runtime, result, total, fetch_pass.progress)
 
 
 def _known_uids(runtime: Runtime, channel_id: int, folder_id: str, uids: list[int]) -> set[int]:

@@ -16,7 +16,9 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,11 +112,45 @@ class IdentitySession(requests.Session):
         self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
     ) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
+        headers = kwargs.get("headers") or {}
+        address = url.decode() if isinstance(url, bytes) else url
+        if str(method).upper() == "GET" and _DISCOVERY in address and "no-cache" not in headers.values():
+            key = f"{address} {self.verify}"  # another CA bundle may not trust what this one did
+
+            def fetch() -> requests.Response:
+                return super(IdentitySession, self).request(method, url, *args, **kwargs)
+
+            return _discovery(key, fetch)
         response = super().request(method, url, *args, **kwargs)
         if str(method).upper() == "POST" and str(url).endswith("/token"):
             self.retry_after = retry_after_seconds(response.headers.get("Retry-After"))
             _check_token_answer(response)
         return response
+
+
+_DISCOVERY = "/.well-known/openid-configuration"
+DISCOVERY_SECONDS = 3600.0
+_discovered: dict[str, tuple[float, requests.Response]] = {}
+_discovered_lock = threading.Lock()
+
+
+def _discovery(key: str, fetch: Callable[[], requests.Response]) -> requests.Response:
+    """A tenant's OpenID configuration, fetched once an hour per process rather than per MSAL client.
+
+    MSAL reads it whenever a client is built, i.e. on every fetch and every send pass; it names the
+    endpoints and changes rarely. Only successful answers are kept, so an outage is not remembered; a
+    request with ``Cache-Control: no-cache`` (the doctor's) always asks."""
+    now = time.monotonic()
+    with _discovered_lock:
+        kept = _discovered.get(key)
+    if kept is not None and kept[0] > now:
+        return kept[1]
+    response = fetch()
+    if response.status_code == 200:
+        response.content  # read the body now: the response is handed out again later  # noqa: B018
+        with _discovered_lock:
+            _discovered[key] = (now + DISCOVERY_SECONDS, response)
+    return response
 
 
 def _check_token_answer(response: requests.Response) -> None:
@@ -212,6 +248,23 @@ class MicrosoftIdentity:
             instance_discovery=False if custom_host else None,
         )
 
+    def acquire_token_for_client(self, resource: str, *, force_refresh: bool = False) -> dict[str, Any]:
+        """An app-only access token for ``resource`` (``https://graph.microsoft.com``) through the
+        client credentials flow, as MSAL's result (``access_token`` or ``error``).
+
+        App-only tokens come with no refresh token and belong to no mailbox, so nothing is stored: MSAL's
+        own app token cache, kept in memory per app registration and credential, answers until the
+        token is close to expiry. ``force_refresh`` starts that cache afresh."""
+        cache = _app_token_cache(
+            (self.authority, self.registration.client_id, self._credential_tag()), fresh=force_refresh
+        )
+        result: dict[str, Any] = self.client(cache).acquire_token_for_client([f"{resource}/.default"])
+        return result
+
+    def _credential_tag(self) -> str:
+        # A new secret or certificate must not be answered from tokens the old one got.
+        return hashlib.sha256(repr(self._credential()).encode()).hexdigest()
+
     @property
     def http_timeout(self) -> float:
         return self._http.timeout
@@ -221,15 +274,26 @@ class MicrosoftIdentity:
         """Seconds the last token endpoint answer asked us to wait before asking again, if it did."""
         return self._http.retry_after
 
-    def openid_configuration(self) -> Mapping[str, Any]:
+    def openid_configuration(self, *, fresh: bool = False) -> Mapping[str, Any]:
         url = f"{self.authority}/v2.0/.well-known/openid-configuration"
-        response = self._http.get(url)
+        response = self._http.get(url, headers={"Cache-Control": "no-cache"} if fresh else None)
         response.raise_for_status()
         document: Mapping[str, Any] = response.json()
         return document
 
     def expected_issuer(self, tenant_id: str) -> str:
         return f"{self.endpoints.login_url}/{tenant_id}/v2.0"
+
+
+_app_caches_guard = threading.Lock()
+_app_caches: dict[tuple[str, str, str], msal.SerializableTokenCache] = {}
+
+
+def _app_token_cache(key: tuple[str, str, str], *, fresh: bool) -> msal.SerializableTokenCache:
+    with _app_caches_guard:
+        if fresh or key not in _app_caches:
+            _app_caches[key] = msal.SerializableTokenCache()
+        return _app_caches[key]
 
 
 def load_cache(serialized: str | None) -> msal.SerializableTokenCache:

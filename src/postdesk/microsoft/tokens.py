@@ -31,7 +31,7 @@ from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, SessionTransaction
 
-from postdesk.db.models import Channel, ChannelEvent, ChannelStatus
+from postdesk.db.models import Channel, ChannelEvent, ChannelStatus, Transport
 from postdesk.db.types import utcnow
 from postdesk.microsoft.errors import Explanation, IdentityError, Remedy, explain, support_reference
 from postdesk.microsoft.identity import MicrosoftIdentity, UnreadableAnswer, load_cache
@@ -139,9 +139,14 @@ def acquire_access_token(
     channel). Raises ``TokenError``; its failure bookkeeping on the channel row is already committed.
 
     While a Retry-After from Microsoft is running it raises at once, without asking Microsoft and
-    without counting another failure."""
+    without counting another failure.
+
+    An app-only channel (``channel.app_only``) gets the app's own token through the client
+    credentials flow instead: see ``_acquire_app_token``."""
     now = now or utcnow()
     _wait_as_asked(channel.id, now)
+    if channel.app_only:
+        return _acquire_app_token(session, identity, channel, force_refresh=force_refresh, now=now)
     lock = _channel_lock(channel.id)
     if not lock.acquire(timeout=LOCK_WAIT_SECONDS):
         raise TokenError(BUSY, "refresh in progress")
@@ -164,6 +169,59 @@ def acquire_access_token(
     finally:
         if not held_until_transaction_ends:
             lock.release()
+
+
+APP_ONLY_IMAP = Explanation(
+    title="App-only access works through Microsoft Graph only",
+    cause="This mailbox is set up for app-only access over IMAP and SMTP, which Postdesk does not offer yet.",
+    fix="Delete the mailbox and add it again with the Graph transport "
+    "(postdesk channel add-app-only ADDRESS --transport graph), or connect it by signing in.",
+    remedy=Remedy.REAUTHENTICATE,
+    transient=False,
+    channel_status="error",
+)
+
+
+def _acquire_app_token(
+    session: Session, identity: MicrosoftIdentity, channel: Channel, *, force_refresh: bool, now: datetime
+) -> AccessToken:
+    """The app's own access token for an app-only channel (client credentials, certificate or secret).
+
+    No lock and nothing written on success: there is no refresh token to redeem or rotate, and MSAL
+    keeps the token in its in-memory app cache (``MicrosoftIdentity.acquire_token_for_client``).
+    Failures are recorded on the channel as for a sign-in."""
+    try:
+        token = _app_token(identity, channel, force_refresh=force_refresh)
+    except TokenError as exc:
+        exc = _note_retry_after(channel.id, exc, identity.retry_after, now)
+        raise _note_failure(session, channel.id, exc, now) from exc
+    _not_before.pop(channel.id, None)
+    _note_success(channel, redeemed=False, now=now)
+    return token
+
+
+def _app_token(identity: MicrosoftIdentity, channel: Channel, *, force_refresh: bool) -> AccessToken:
+    if channel.transport is not Transport.GRAPH:
+        raise TokenError(APP_ONLY_IMAP, "app-only IMAP/SMTP is not supported")
+    return app_access_token(identity, force_refresh=force_refresh)
+
+
+def app_access_token(identity: MicrosoftIdentity, *, force_refresh: bool = False) -> AccessToken:
+    """The app's own Microsoft Graph token (client credentials). Raises ``TokenError``, recording
+    nothing: for checks made before a channel exists."""
+    try:
+        result = identity.acquire_token_for_client(
+            identity.endpoints.cloud.graph_url, force_refresh=force_refresh
+        )
+    except UnreadableAnswer as exc:  # before RequestException, of which it is one
+        raise TokenError(UNREADABLE, str(exc)) from exc
+    except (requests.RequestException, ValueError, MsalServiceError) as exc:
+        raise TokenError(UNREACHABLE, _network_failure(exc, identity.http_timeout)) from exc
+    if "error" in result or "access_token" not in result:
+        err = IdentityError.from_token_response(result)
+        raise TokenError(explain(err), support_reference(err))
+    expires_in = int(result.get("expires_in") or 0)
+    return AccessToken(value=str(result["access_token"]), expires_at=utcnow() + timedelta(seconds=expires_in))
 
 
 def _lock_row(session: Session, channel: Channel) -> None:

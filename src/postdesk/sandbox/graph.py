@@ -28,7 +28,8 @@ of request and response shapes, never a particular client:
   ``unavailable_next()`` queue error answers (optionally only for paths matching a pattern); at most
   ``concurrency_limit`` requests per app and mailbox run at once (Graph documents four), more answer 429
   ``ApplicationThrottled``; ``hold_requests()`` keeps admitted requests waiting so tests can fill the
-  slots; ``expire_delta_tokens()`` makes earlier delta and skip tokens answer 410.
+  slots; ``expire_delta_tokens()`` makes earlier delta and skip tokens answer 410; ``restrict_app()``
+  limits an app's app-only access to some mailboxes, as Exchange RBAC for Applications does.
 
 Clients must branch on the HTTP status and ``error.code`` only: Graph's messages change over time.
 """
@@ -493,6 +494,8 @@ class GraphMailStore:
         self._uploads: dict[str, UploadSession] = {}
         self._rounds: dict[str, DeltaRound] = {}
         self._arrivals = itertools.count(1)
+        # Per app (client id): the only mailboxes it may open, when Exchange limits it to some.
+        self._app_scopes: dict[str, frozenset[str]] = {}
 
     # -- mailboxes and delegates ---------------------------------------------------------------
 
@@ -532,6 +535,17 @@ class GraphMailStore:
 
     def rights(self, mailbox: str, delegate: str) -> set[MailboxRight]:
         return {MailboxRight(right) for right in self.directory.rights_on(mailbox, delegate)}
+
+    def restrict_app(self, client_id: str, mailboxes: Iterable[str]) -> None:
+        """Let the app open only these mailboxes, as Exchange RBAC for Applications (a role assignment
+        with a management scope) or an application access policy does: its app-only requests to any
+        other mailbox answer 403 ``ErrorAccessDenied``, whatever application permissions it holds."""
+        with self.lock:
+            self._app_scopes[client_id.lower()] = frozenset(address.lower() for address in mailboxes)
+
+    def unrestrict_app(self, client_id: str) -> None:
+        with self.lock:
+            self._app_scopes.pop(client_id.lower(), None)
 
     def create_folder(self, address: str, display_name: str, *, parent: str = ROOT_FOLDER) -> str:
         """Add a custom folder (under the top of the mailbox unless ``parent`` names another)."""
@@ -653,6 +667,7 @@ class GraphMailStore:
         """Put the test switches back: no queued faults, no held requests, the default concurrency."""
         with self.lock:
             self._faults.clear()
+            self._app_scopes.clear()
             self.concurrency_limit = DEFAULT_CONCURRENCY_LIMIT
         self.release_requests()
 
@@ -704,6 +719,9 @@ class GraphMailStore:
     def authorize(self, principal: Principal, mailbox: Mailbox, operation: Operation) -> None:
         if principal.is_app:
             if not principal.roles & APPLICATION[operation]:
+                raise access_denied()
+            in_scope = self._app_scopes.get(principal.app_id.lower())
+            if in_scope is not None and mailbox.address not in in_scope:
                 raise access_denied()
             return
         own = principal.owns(mailbox)

@@ -21,6 +21,7 @@ from postdesk.web import api
 from postdesk.web.deps import LoginRequired, csrf_protect
 from postdesk.web.routes import (
     api_tokens,
+    app_only,
     auth,
     doctor,
     health,
@@ -69,6 +70,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         mailboxes,
         api_tokens,
         doctor,
+        app_only,
     ):
         app.include_router(module.router)
     app.include_router(api.router)  # the only routes in the OpenAPI schema

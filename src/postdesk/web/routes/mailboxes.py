@@ -15,6 +15,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from postdesk.db.models import (
     BacklogPolicy,
+    Channel,
     ChannelEvent,
     ChannelStatus,
     InboundMessage,
@@ -24,10 +25,12 @@ from postdesk.db.models import (
 )
 from postdesk.ingest.background import start_fetch
 from postdesk.ingest.fetch import access_token_for_channel, default_mailbox
+from postdesk.ingest.graph_fetch import GraphAccount, open_channel_mailbox
 from postdesk.ingest.quarantine import quarantined, reprocess
 from postdesk.microsoft.clouds import endpoints_for
 from postdesk.microsoft.connect import AccessCheck, DelegationMissing, verify_delegation
 from postdesk.microsoft.identity import HTTP_TIMEOUT, trust_store
+from postdesk.microsoft.tokens import TokenError
 from postdesk.runtime import Runtime
 from postdesk.storage import read_bytes
 from postdesk.transports.errors import TransportError
@@ -119,11 +122,15 @@ def check_delegation(
 ) -> Response:
     """ "Check again" after the admin ran the commands: open the shared mailbox with the stored sign-in."""
     channel = channel_or_404(db, channel_id)
+    if not channel.shared:
+        raise HTTPException(409, f"{channel.email} is not a shared mailbox: it has no delegation to check.")
     delegate = channel.account_username or ""
     try:
         problem = verify_delegation(
             channel, access_token_for_channel(db, runtime, channel), access_check(runtime)
         )
+    except TokenError as exc:
+        problem = f"{exc.explanation.title}: {exc.explanation.fix}"
     except TransportError as exc:
         problem = str(exc)
     if problem is not None:
@@ -136,12 +143,7 @@ def check_delegation(
     channel.last_error = None
     channel.last_error_at = None
     db.add(
-        ChannelEvent(
-            channel_id=channel.id,
-            kind="delegation",
-            actor_id=admin.id,
-            message=f"{delegate} opened the shared mailbox {channel.email}.",
-        )
+        _admin_event(channel, admin, "delegation", f"{delegate} opened the shared mailbox {channel.email}.")
     )
     db.commit()
     start_fetch(runtime, channel.id)
@@ -176,31 +178,35 @@ def save_settings(
         channel.imap_uidvalidity = None
         channel.imap_baseline_uid = None
         channel.imap_last_uid = 0
-        channel.backlog_done = False
-        channel.backlog_confirmed = False
-        channel.backlog_count = None
+        # On Graph: the folder's id is looked up again from its path, and a new delta round starts.
+        channel.graph_folder_id = None
+        channel.graph_delta_link = None
+        _ask_about_backlog_again(channel)
     channel.group_id = int(group_id) if group_id.isdigit() else None
     channel.delete_after_fetch = after_fetch == "delete"
     channel.max_message_bytes = max_message_mb * 1024 * 1024
     channel.fetch_interval_seconds = fetch_interval_seconds
     since = _date(backlog_since)
     if (backlog_policy, since) != (channel.backlog_policy, channel.backlog_since):
-        # A new choice about the existing mail is asked and counted again.
-        channel.backlog_done = False
-        channel.backlog_confirmed = False
-        channel.backlog_count = None
+        _ask_about_backlog_again(channel)
     channel.backlog_policy = backlog_policy
     channel.backlog_since = since
-    db.add(
-        ChannelEvent(
-            channel_id=channel.id,
-            kind="settings",
-            actor_id=admin.id,
-            message=f"Folder {channel.folder}, after fetching: {after_fetch}, limit {max_message_mb} MB.",
-        )
-    )
+    summary = f"Folder {channel.folder}, after fetching: {after_fetch}, limit {max_message_mb} MB."
+    db.add(_admin_event(channel, admin, "settings", summary))
     db.commit()
     return RedirectResponse(f"/channels/{channel_id}?notice=saved", status_code=303)
+
+
+def _ask_about_backlog_again(channel: Channel) -> None:
+    """The existing mail is counted again and the admin asked again what to do with it."""
+    channel.backlog_done = False
+    channel.backlog_confirmed = False
+    channel.backlog_count = None
+
+
+def _admin_event(channel: Channel, admin: User, kind: str, message: str) -> ChannelEvent:
+    """An entry in the channel's event log, naming the admin who acted."""
+    return ChannelEvent(channel_id=channel.id, kind=kind, actor_id=admin.id, message=message)
 
 
 def _watchdog_hours(value: str) -> int | None:
@@ -235,7 +241,7 @@ def decide_backlog(
     else:
         channel.backlog_done = True
         message = "Existing messages left alone; only new mail is fetched."
-    db.add(ChannelEvent(channel_id=channel.id, kind="backlog", actor_id=admin.id, message=message))
+    db.add(_admin_event(channel, admin, "backlog", message))
     db.commit()
     if decision == "import":
         start_fetch(runtime, channel_id)
@@ -258,9 +264,13 @@ def folder_choices(
     try:
         token = access_token_for_channel(db, runtime, channel)
         db.commit()
-        with default_mailbox(runtime) as mailbox:
-            mailbox.login(channel.email, token)
-            folders = mailbox.folders()
+        if channel.transport is Transport.GRAPH:
+            with open_channel_mailbox(runtime, GraphAccount.of(channel), token) as graph:
+                folders = [choice.path for choice in graph.folders()]
+        else:
+            with default_mailbox(runtime) as mailbox:
+                mailbox.login(channel.email, token)
+                folders = mailbox.folders()
         problem = None
     except TransportError as exc:
         folders, problem = [], str(exc)
