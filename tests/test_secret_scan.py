@@ -154,7 +154,8 @@ def _reply_by_mail(admin_browser: TestClient, runtime: Runtime, number: int, cus
 def _create_api_token_and_use_it(admin_browser: TestClient) -> str:
     page = admin_browser.get("/account/api-tokens")
     created = admin_browser.post(
-        "/account/api-tokens", data={"csrf_token": csrf_from(page.text), "name": "nightly export"}
+        "/account/api-tokens",
+        data={"csrf_token": csrf_from(page.text), "name": "nightly export", "scope": "read"},
     )
     found = re.search(r'id="new-token-secret"[^>]*value="(pd_[^"]+)"', created.text)
     assert found is not None, created.text
