@@ -162,6 +162,14 @@ def sign_in_page(page: Page, url: str, email: str = ADMIN, password: str = ADMIN
     page.get_by_role("button", name="Sign in").click()
 
 
+def add_user_mailbox(page: Page) -> None:
+    """On the Channels page: Add account, keep the defaults (a user's mailbox, IMAP and SMTP), and go
+    to Microsoft's sign-in."""
+    page.get_by_role("link", name="Add account").click()
+    page.get_by_role("button", name="Continue").click()
+    page.get_by_role("link", name="Sign in with Microsoft").click()
+
+
 def pick_account(page: Page, upn: str, *, consent: bool) -> None:
     """On the sandbox's sign-in page: pick the account, and accept the permissions if asked to."""
     expect(page.get_by_text("Postdesk sandbox — not Microsoft")).to_be_visible()

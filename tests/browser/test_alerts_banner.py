@@ -15,7 +15,7 @@ from postdesk.db.types import utcnow
 from postdesk.runtime import Runtime
 from postdesk.sandbox import SandboxDirectory, SandboxServer
 from postdesk.worker.heartbeat import refresh_stale_tokens
-from tests.browser.conftest import live_desk, pick_account, sign_in_page
+from tests.browser.conftest import add_user_mailbox, live_desk, pick_account, sign_in_page
 
 pytestmark = pytest.mark.browser
 SCREENSHOTS = Path(__file__).parent.parent.parent / ".pytest_cache"
@@ -38,7 +38,7 @@ def test_a_mailbox_that_needs_sign_in_shows_in_the_banner_until_it_is_re_authent
     upn = mailbox_user
     sign_in_page(page, url)
     page.goto(f"{url}/channels")
-    page.get_by_role("link", name="Add account").click()
+    add_user_mailbox(page)
     pick_account(page, upn, consent=True)
     expect(page.get_by_role("status")).to_have_text("The mailbox is connected.")
     expect(page.locator("#attention")).to_have_count(0)

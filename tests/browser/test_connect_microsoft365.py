@@ -10,7 +10,7 @@ from playwright.sync_api import Page, expect
 
 from postdesk.runtime import Runtime
 from postdesk.sandbox import RegisteredApp, SandboxDirectory, SandboxServer
-from tests.browser.conftest import live_desk, pick_account, sign_in_page
+from tests.browser.conftest import add_user_mailbox, live_desk, pick_account, sign_in_page
 
 pytestmark = pytest.mark.browser
 ADELE = "adele.vance@contoso.onmicrosoft.com"
@@ -53,18 +53,14 @@ def test_an_admin_connects_the_app_and_two_mailboxes(
         "The app registration was saved. You can now add mailboxes."
     )
 
-    page.get_by_role("link", name="Add account").click()
-    page.get_by_role("button", name="Continue").click()  # a user's mailbox over IMAP/SMTP: the defaults
-    page.get_by_role("link", name="Sign in with Microsoft").click()
+    add_user_mailbox(page)
     pick_account(page, ADELE, consent=True)
     expect(page.get_by_role("status")).to_have_text("The mailbox is connected.")
     adele_row = page.locator(f"tr[data-email='{ADELE}']")
     expect(adele_row).to_contain_text("Adele Vance")
     expect(adele_row).to_contain_text("Connected")
 
-    page.get_by_role("link", name="Add account").click()
-    page.get_by_role("button", name="Continue").click()
-    page.get_by_role("link", name="Sign in with Microsoft").click()
+    add_user_mailbox(page)
     pick_account(page, MEGAN, consent=True)
     expect(page.locator(f"tr[data-email='{MEGAN}']")).to_contain_text("Connected")
     expect(page.locator("tr[data-email]")).to_have_count(2)

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests.browser.conftest import add_user_mailbox
 from tests.support.postgres import free_port
 
 pytestmark = pytest.mark.browser
@@ -80,7 +81,7 @@ def test_a_new_user_connects_a_sandbox_mailbox_and_mail_becomes_a_ticket(
     expect(page.get_by_role("link", name="Invoice 2026-1183 charged twice")).to_be_visible()
 
     page.get_by_role("link", name="Channels").click()
-    page.get_by_role("link", name="Add account").click()
+    add_user_mailbox(page)
     page.get_by_role("button", name="support@contoso.onmicrosoft.com").click()
     page.get_by_role("button", name="Accept").click()
     expect(page.locator("tr[data-email='support@contoso.onmicrosoft.com']")).to_contain_text("Connected")

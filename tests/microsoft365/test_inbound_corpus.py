@@ -236,9 +236,9 @@ def test_an_out_of_office_about_an_existing_ticket_is_a_flagged_follow_up_that_d
 ) -> None:
     with transaction(m365_runtime.sessions) as session:
         session.add(TicketCounter(id=1, last_number=10041))
-    deliver_and_fetch(
-        m365_runtime, channel_id, dovecot, mailbox_user, customer_mail(to=mailbox_user, subject="Printer")
-    )
+    # Lee's own ticket: a ticket number in a subject lets in only people who took part in the ticket.
+    question = customer_mail(to=mailbox_user, subject="Printer", sender="Lee Gu <LeeG@fabrikam.com>")
+    deliver_and_fetch(m365_runtime, channel_id, dovecot, mailbox_user, question)
     [ticket] = tickets(m365_runtime)
     with transaction(m365_runtime.sessions) as session:
         session.get(Ticket, ticket.id).state = TicketState.CLOSED  # type: ignore[union-attr]
