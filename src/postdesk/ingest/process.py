@@ -53,8 +53,9 @@ from postdesk.tickets.service import (
 
 log = logging.getLogger(__name__)
 # Each batch is one transaction; if one message in it breaks the pipeline, the whole batch is redone
-# a message at a time, so batches stay smaller than the fetch's.
-PROCESS_BATCH = 50
+# a message at a time. As large as the fetch's: on PostgreSQL every batch costs a dozen round trips
+# whatever its size (ingest went from 0.41 to 0.50 of the bench's baseline going from 50 to 200).
+PROCESS_BATCH = 200
 # A batch holds its messages in memory until it commits; a few huge ones make a batch of their own.
 PROCESS_BATCH_BYTES = 32 * 1024 * 1024
 _NOBODY = ("noreply", "no-reply", "donotreply", "do-not-reply", "mailer-daemon", "postmaster")
