@@ -302,6 +302,9 @@ class Channel(Base):
     token_refreshed_at: Mapped[datetime | None]
     folder: Mapped[str] = mapped_column(String(255), default="INBOX")
     delete_after_fetch: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Where a fetched message is moved once stored (a path like "Archive" or "Inbox/Done"); None: it
+    # stays in ``folder``. ``delete_after_fetch`` wins when both are set.
+    move_to_folder: Mapped[str | None] = mapped_column(String(255))
     max_message_bytes: Mapped[int] = mapped_column(Integer, default=25 * 1024 * 1024)
     fetch_interval_seconds: Mapped[int] = mapped_column(Integer, default=30)
     # Where the folder stood when it was first opened: UIDs below the baseline are the backlog.

@@ -3,7 +3,7 @@
 Order of events for every batch, which is what makes a crash at any point safe:
 1. the raw bytes are written to the spool and fsynced (content-addressed, so rewriting is harmless);
 2. the inbound rows and the channel's new last UID are committed together;
-3. only then is the server copy flagged \\Seen or deleted, and the row marked ``server_done``;
+3. only then is the server copy flagged \\Seen, deleted or moved, and the row marked ``server_done``;
 4. once all batches are stored, the rows are processed into articles, a transaction per batch of
    rows (from the bytes still in memory, as far as they were kept, rather than read back).
 A crash before 2 refetches the batch; after 2 the rows exist and step 3 is finished at the next pass.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -243,8 +243,9 @@ def _run_pass(
         channel = session.get(Channel, result.channel_id)
         assert channel is not None
         folder = channel.folder
+        after_fetch = _AfterFetch.of(channel)
         state = mailbox.open(folder)
-        _finish_server_actions(session, mailbox, channel, state)
+        _finish_server_actions(session, mailbox, channel, state, after_fetch)
         _note_folder_state(session, mailbox, channel, state)
         uids = mailbox.uids_after(channel.imap_last_uid)
         uids = [uid for uid in uids if channel.imap_baseline_uid is None or uid >= channel.imap_baseline_uid]
@@ -253,11 +254,13 @@ def _run_pass(
         result.backlog_waiting = channel.backlog_count if waiting else None
         session.commit()
     total = len(backlog) + len(uids)
+    if total:
+        after_fetch.prepare(mailbox)
     kept = _Kept()
     for is_backlog, todo in ((True, backlog), (False, uids)):
         for batch in _in_batches(mailbox.fetch(todo)):
             stored = _store_batch(runtime, result, folder, state, batch, is_backlog=is_backlog)
-            _server_actions(runtime, mailbox, result.channel_id, stored.uids)
+            _server_actions(runtime, mailbox, result.channel_id, stored.uids, after_fetch)
             kept.add(stored.spooled)
             result.fetched += len(batch)
             _report_progress(runtime, result, total, progress)
@@ -433,14 +436,76 @@ def _note_new_mail(session: Session, channel_id: int, highest_uid: int, *, is_ba
     )
 
 
-def _server_actions(runtime: Runtime, mailbox: ImapMailbox, channel_id: int, uids: list[int]) -> None:
+@dataclass
+class _AfterFetch:
+    """What becomes of the server copy of a stored message, as the channel says: flagged read (the
+    default), deleted, or flagged read and moved to another folder. Read once per pass."""
+
+    delete: bool
+    move_to: str | None  # the folder as the admin named it ("Archive", "Inbox/Done")
+    read_folder: str
+    target: str | None = field(default=None, init=False)  # move_to as the server spells it
+
+    @classmethod
+    def of(cls, channel: Channel) -> _AfterFetch:
+        # Deleting wins when both are set: the form offers one or the other.
+        move_to = None if channel.delete_after_fetch else move_folder_of(channel)
+        return cls(channel.delete_after_fetch, move_to, channel.folder)
+
+    def prepare(self, mailbox: ImapMailbox) -> None:
+        """Look up the folder to move to before any mail is fetched: while it is missing, the mail stays
+        where it is, unfetched, and the channel says why. Looked up once per pass, and only when there
+        is mail to act on."""
+        if self.move_to is not None and self.target is None:
+            self.target = move_target(mailbox.folders(), self.move_to, read_folder=self.read_folder)
+
+    def apply(self, mailbox: ImapMailbox, uids: list[int]) -> None:
+        if self.delete:
+            mailbox.delete(uids)
+            return
+        mailbox.mark_seen(uids)  # also before a move, so that the moved copy is read
+        if self.move_to is not None:
+            self.prepare(mailbox)
+            assert self.target is not None
+            mailbox.move(uids, self.target)
+
+
+def move_folder_of(channel: Channel) -> str | None:
+    """The folder the channel moves fetched mail to, as a path without outer slashes; None: none."""
+    return (channel.move_to_folder or "").strip().strip("/") or None
+
+
+def move_target(folders: Sequence[str], wanted: str, *, read_folder: str) -> str:
+    """The folder to move fetched mail to, as the server spells it: ``wanted`` exactly, else the folder
+    whose path differs from it only in case ("Inbox/Done" for "INBOX/Done")."""
+    matches = [name for name in folders if name == wanted] or [
+        name for name in folders if name.lower() == wanted.lower()
+    ]
+    if not matches:
+        raise TransportError(
+            f"the folder {wanted!r} to move fetched mail to does not exist in the mailbox; create it in "
+            "Outlook or choose another under Channels › the mailbox › Mail. Until then new mail stays "
+            f"in {read_folder!r}, unfetched",
+            permanent=True,
+        )
+    if matches[0].lower() == read_folder.lower():
+        # Moving into the folder read would give each message a new UID: it would come back forever.
+        raise TransportError(
+            f"fetched mail is to be moved to {wanted!r}, the folder Postdesk reads; choose another "
+            "under Channels › the mailbox › Mail",
+            permanent=True,
+        )
+    return matches[0]
+
+
+def _server_actions(
+    runtime: Runtime, mailbox: ImapMailbox, channel_id: int, uids: list[int], after_fetch: _AfterFetch
+) -> None:
     if not uids:
         return
     with runtime.sessions() as session, session.begin():
-        delete_after_fetch, uidvalidity = session.execute(
-            select(Channel.delete_after_fetch, Channel.imap_uidvalidity).where(Channel.id == channel_id)
-        ).one()
-        (mailbox.delete if delete_after_fetch else mailbox.mark_seen)(uids)
+        uidvalidity = session.scalar(select(Channel.imap_uidvalidity).where(Channel.id == channel_id))
+        after_fetch.apply(mailbox, uids)
         session.execute(
             update(InboundMessage)
             .where(
@@ -454,9 +519,10 @@ def _server_actions(runtime: Runtime, mailbox: ImapMailbox, channel_id: int, uid
 
 
 def _finish_server_actions(
-    session: Session, mailbox: ImapMailbox, channel: Channel, state: FolderState
+    session: Session, mailbox: ImapMailbox, channel: Channel, state: FolderState, after_fetch: _AfterFetch
 ) -> None:
-    """Flag or delete what an earlier pass stored but did not get to (it was interrupted)."""
+    """Flag, delete or move what an earlier pass stored but did not get to (it was interrupted, or the
+    folder to move to was missing). Messages moved already are not found in the folder: skipped."""
     rows = list(
         session.scalars(
             select(InboundMessage).where(
@@ -469,7 +535,7 @@ def _finish_server_actions(
     )
     if not rows:
         return
-    (mailbox.delete if channel.delete_after_fetch else mailbox.mark_seen)([row.uid for row in rows])
+    after_fetch.apply(mailbox, [row.uid for row in rows])
     for row in rows:
         row.server_done = True
 

@@ -4,8 +4,8 @@ The promise of the IMAP pass in ``fetch.py``, with a delta link where IMAP has U
 1. each new message's MIME (``/messages/{id}/$value``) is written to the spool and fsynced;
 2. its inbound row is committed under the key (channel, folder id, 0, a number derived from the
    message's immutable id), the key IMAP rows use for (folder, UIDVALIDITY, UID);
-3. only then is the server copy flagged read or deleted, as the channel says, and the row marked
-   ``server_done``;
+3. only then is the server copy flagged read, deleted or moved, as the channel says, and the row
+   marked ``server_done``;
 4. the round's new delta link is saved once every message of the round is stored.
 A crash before 4 replays the round from the old link: messages stored already are recognised by their
 key before their MIME is downloaded again, and a second insert would be ignored by the unique key.
@@ -40,6 +40,8 @@ from postdesk.ingest.fetch import (
     FetchResult,
     _Kept,
     _report_progress,
+    move_folder_of,
+    move_target,
 )
 from postdesk.microsoft.clouds import endpoints_for
 from postdesk.microsoft.identity import tls_context
@@ -147,6 +149,7 @@ class _Plan:
     folder_id: str | None
     delta_link: str | None
     delete_after_fetch: bool
+    move_to_folder: str | None  # a path ("Archive", "Inbox/Done"); None when deleting or not moving
     new_since: datetime  # a full round's mail received from then on is new mail
     backlog_policy: BacklogPolicy
     backlog_since: datetime | None
@@ -162,6 +165,8 @@ class _Plan:
             folder_id=channel.graph_folder_id,
             delta_link=channel.graph_delta_link,
             delete_after_fetch=channel.delete_after_fetch,
+            # Deleting wins when both are set: the form offers one or the other.
+            move_to_folder=None if channel.delete_after_fetch else move_folder_of(channel),
             new_since=(channel.connected_at or channel.created_at or utcnow()) - ARRIVAL_MARGIN,
             backlog_policy=channel.backlog_policy,
             backlog_since=channel.backlog_since,
@@ -197,6 +202,7 @@ class _Pass:
     result: FetchResult
     kept: _Kept
     progress: Progress
+    move_to_id: str | None = None  # the folder to move fetched mail to, looked up once per pass
 
 
 def fetch_graph(
@@ -228,8 +234,8 @@ def _fetch_pass(runtime: Runtime, result: FetchResult, token: str, progress: Pro
     kept = _Kept()
     with open_channel_mailbox(runtime, plan.account, token) as mailbox:
         folder_id = plan.folder_id or _settle_folder(runtime, mailbox, plan.channel_id, plan.folder)
-        _finish_server_actions(runtime, mailbox, plan, folder_id)
         fetch_pass = _Pass(runtime, mailbox, plan, folder_id, result, kept, progress)
+        _finish_server_actions(fetch_pass)
         counted = _new_mail_round(fetch_pass)
         if plan.backlog_open and plan.backlog_confirmed:
             _backlog_round(fetch_pass)
@@ -326,10 +332,13 @@ def _store_messages(fetch_pass: _Pass, messages: Sequence[DeltaMessage]) -> None
     folder_id, result = fetch_pass.folder_id, fetch_pass.result
     known = _known_uids(runtime, plan.channel_id, folder_id, [uid_for(m.id) for m in messages])
     todo = [m for m in messages if uid_for(m.id) not in known]
+    if todo and plan.move_to_folder is not None:
+        # Before anything is downloaded: while the folder is missing, the mail stays where it is.
+        _move_target_id(fetch_pass, plan.move_to_folder)
     total = result.fetched + len(todo)  # as far as this page tells: delta rounds have no total
     for batch in _downloaded(mailbox, todo):
         fetch_pass.kept.add(_store_batch(runtime, plan.channel_id, folder_id, batch))
-        _server_actions(runtime, mailbox, plan, folder_id, [message_id for message_id, _raw in batch])
+        _server_actions(fetch_pass, [message_id for message_id, _raw in batch])
         result.fetched += len(batch)
         _report_progress(runtime, result, total, fetch_pass.progress)
 
@@ -420,17 +429,23 @@ def _row(channel_id: int, folder_id: str, message_id: str, raw: bytes, digest: s
     }
 
 
-def _server_actions(
-    runtime: Runtime, mailbox: ChannelMailbox, plan: _Plan, folder_id: str, message_ids: list[str]
-) -> None:
-    """Flag the stored messages read (or delete them), then note that on their rows."""
-    (mailbox.delete if plan.delete_after_fetch else mailbox.mark_read)(message_ids)
+def _server_actions(fetch_pass: _Pass, message_ids: list[str]) -> None:
+    """Flag the stored messages read (and move them, if the channel says so) or delete them, then note
+    that on their rows. Messages gone meanwhile are skipped by the client."""
+    runtime, mailbox, plan = fetch_pass.runtime, fetch_pass.mailbox, fetch_pass.plan
+    if plan.delete_after_fetch:
+        mailbox.delete(message_ids)
+    else:
+        mailbox.mark_read(message_ids)  # also before a move, so that the moved copy is read
+        if plan.move_to_folder is not None:
+            # With immutable ids a message keeps its id in the new folder: its row stays valid.
+            mailbox.move(message_ids, _move_target_id(fetch_pass, plan.move_to_folder))
     with runtime.sessions() as session, session.begin():
         session.execute(
             update(InboundMessage)
             .where(
                 InboundMessage.channel_id == plan.channel_id,
-                InboundMessage.folder == folder_id,
+                InboundMessage.folder == fetch_pass.folder_id,
                 InboundMessage.uidvalidity == GRAPH_UIDVALIDITY,
                 InboundMessage.uid.in_([uid_for(message_id) for message_id in message_ids]),
             )
@@ -439,8 +454,19 @@ def _server_actions(
         )
 
 
-def _finish_server_actions(runtime: Runtime, mailbox: ChannelMailbox, plan: _Plan, folder_id: str) -> None:
-    """Flag or delete what an earlier pass stored but did not get to (it was interrupted)."""
+def _move_target_id(fetch_pass: _Pass, path: str) -> str:
+    """The id of the folder to move fetched mail to, found by its path as the read folder is."""
+    if fetch_pass.move_to_id is None:
+        choices = fetch_pass.mailbox.folders()
+        found = move_target([choice.path for choice in choices], path, read_folder=fetch_pass.plan.folder)
+        fetch_pass.move_to_id = next(choice.id for choice in choices if choice.path == found)
+    return fetch_pass.move_to_id
+
+
+def _finish_server_actions(fetch_pass: _Pass) -> None:
+    """Flag, delete or move what an earlier pass stored but did not get to (it was interrupted, or the
+    folder to move to was missing)."""
+    runtime, plan, folder_id = fetch_pass.runtime, fetch_pass.plan, fetch_pass.folder_id
     with runtime.sessions() as session:
         pending = list(
             session.scalars(
@@ -455,5 +481,6 @@ def _finish_server_actions(runtime: Runtime, mailbox: ChannelMailbox, plan: _Pla
         )
     message_ids = [message_id for message_id in pending if message_id]
     if message_ids:
-        # Messages gone meanwhile are skipped by the client; their rows count as done too.
-        _server_actions(runtime, mailbox, plan, folder_id, message_ids)
+        # Messages gone meanwhile are skipped by the client; their rows count as done too. A message
+        # moved already is found by its immutable id where it is now and sent to that folder again.
+        _server_actions(fetch_pass, message_ids)

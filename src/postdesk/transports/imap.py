@@ -191,6 +191,25 @@ class ImapMailbox:
         else:
             self._call("expunging", self.client.expunge)
 
+    def move(self, uids: Sequence[int], folder: str) -> None:
+        """Move messages of the open folder to ``folder``: UID MOVE (RFC 6851) where the server offers
+        it, as Exchange Online does; else UID COPY, then \\Deleted and expunge. UIDs no longer in the
+        open folder are skipped by the server, so moving again after an interruption is harmless
+        (with COPY, an interruption before the expunge can leave a second copy in ``folder``)."""
+        if not uids:
+            return
+        moved = self.client.has_capability("MOVE")
+        try:
+            (self.client.move if moved else self.client.copy)(list(uids), folder)
+        except imaplib.IMAP4.abort as exc:  # before IMAPClientError: abort is a kind of it
+            raise _failure("moving mail", exc) from exc
+        except IMAPClientError as exc:
+            raise _move_refused(folder, exc) from exc
+        except (OSError, ValueError) as exc:
+            raise _failure("moving mail", exc) from exc
+        if not moved:
+            self.delete(uids)
+
     def supports_idle(self) -> bool:
         return bool(self._call("reading capabilities", self.client.has_capability, "IDLE"))
 
@@ -299,6 +318,19 @@ def _parsed_news(responses: Sequence[Any]) -> IdleNews:
     kinds = {item[1] for item in responses if isinstance(item, tuple) and len(item) > 1}
     kinds |= {item[0] for item in responses if isinstance(item, tuple) and item}
     return IdleNews(new_mail=bool(kinds & {b"EXISTS", b"RECENT"}), goodbye=b"BYE" in kinds)
+
+
+def _move_refused(folder: str, exc: Exception) -> TransportError:
+    """The server said NO to a MOVE or COPY: TRYCREATE (RFC 3501) means the folder does not exist."""
+    if "[TRYCREATE]" in str(exc).upper():
+        return TransportError(
+            f"the folder {folder!r} to move fetched mail to does not exist in the mailbox; "
+            "create it in Outlook or choose another",
+            permanent=True,
+        )
+    return refusal(
+        "IMAP", str(exc), action=f"moving mail to {folder!r}", refused=f"cannot move mail to {folder!r}"
+    )
 
 
 def _aware(moment: datetime) -> datetime:

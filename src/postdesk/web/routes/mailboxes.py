@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import quote
 
 import httpx
@@ -157,7 +157,8 @@ def save_settings(
     admin: CurrentAdmin,
     folder: Annotated[str, Form()] = "INBOX",
     group_id: Annotated[str, Form()] = "",
-    after_fetch: Annotated[str, Form()] = "keep",
+    after_fetch: Annotated[Literal["keep", "delete", "move"], Form()] = "keep",
+    move_to_folder: Annotated[str, Form(max_length=255)] = "",
     max_message_mb: Annotated[int, Form(ge=1, le=150)] = 25,
     fetch_interval_seconds: Annotated[int, Form(ge=10, le=3600)] = 30,
     backlog_policy: Annotated[BacklogPolicy, Form()] = BacklogPolicy.UNREAD,
@@ -184,6 +185,10 @@ def save_settings(
         _ask_about_backlog_again(channel)
     channel.group_id = int(group_id) if group_id.isdigit() else None
     channel.delete_after_fetch = after_fetch == "delete"
+    # One or the other: the folder field is kept only when moving is chosen.
+    channel.move_to_folder = None
+    if after_fetch == "move":
+        channel.move_to_folder = _move_to_folder(move_to_folder, read_folder=channel.folder)
     channel.max_message_bytes = max_message_mb * 1024 * 1024
     channel.fetch_interval_seconds = fetch_interval_seconds
     since = _date(backlog_since)
@@ -191,7 +196,8 @@ def save_settings(
         _ask_about_backlog_again(channel)
     channel.backlog_policy = backlog_policy
     channel.backlog_since = since
-    summary = f"Folder {channel.folder}, after fetching: {after_fetch}, limit {max_message_mb} MB."
+    doing = f"move to {channel.move_to_folder}" if channel.move_to_folder else after_fetch
+    summary = f"Folder {channel.folder}, after fetching: {doing}, limit {max_message_mb} MB."
     db.add(_admin_event(channel, admin, "settings", summary))
     db.commit()
     return RedirectResponse(f"/channels/{channel_id}?notice=saved", status_code=303)
@@ -207,6 +213,18 @@ def _ask_about_backlog_again(channel: Channel) -> None:
 def _admin_event(channel: Channel, admin: User, kind: str, message: str) -> ChannelEvent:
     """An entry in the channel's event log, naming the admin who acted."""
     return ChannelEvent(channel_id=channel.id, kind=kind, actor_id=admin.id, message=message)
+
+
+def _move_to_folder(value: str, *, read_folder: str) -> str:
+    """The folder to move fetched mail to, checked: given, and not the folder read (moving there would
+    bring every message back as new mail). Whether it exists is checked at the next fetch."""
+    folder = value.strip().strip("/")
+    if not folder:
+        raise HTTPException(status_code=422, detail="Enter the folder to move fetched mail to.")
+    if folder.lower() == read_folder.strip().strip("/").lower():
+        detail = f"Fetched mail cannot be moved to {folder}, the folder it is read from; choose another."
+        raise HTTPException(status_code=422, detail=detail)
+    return folder
 
 
 def _watchdog_hours(value: str) -> int | None:
