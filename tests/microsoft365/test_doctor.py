@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -224,6 +225,22 @@ def test_a_token_without_smtp_send_fails_the_claims_check(m365_runtime: Runtime,
         ["https://outlook.office.com/IMAP.AccessAsUser.All", "https://outlook.office.com/SMTP.Send"],
     )
     assert "Exchange Online" in check_token_claims(outlook, CLOUDS["global"])
+
+
+def test_an_app_only_token_is_checked_for_the_application_permissions() -> None:
+    def app_token(*roles: str) -> str:
+        # Only the claims are read; Exchange verifies the signature.
+        claims = {"aud": "https://outlook.office.com", "roles": list(roles), "oid": "sp-object-id"}
+        return jwt.encode(claims, "not-verified-here", algorithm="HS256")
+
+    with pytest.raises(CheckFailed) as refused:
+        check_token_claims(app_token("IMAP.AccessAsApp"), CLOUDS["global"])
+    assert "lacks the application permission SMTP.SendAsApp" in refused.value.cause
+    assert "Application permissions" in refused.value.fix
+    granted = check_token_claims(app_token("IMAP.AccessAsApp", "SMTP.SendAsApp"), CLOUDS["global"])
+    assert granted == (
+        "For https://outlook.office.com (Exchange Online), app-only, roles: IMAP.AccessAsApp SMTP.SendAsApp."
+    )
 
 
 def test_an_imap_host_nobody_listens_on_fails_at_tcp(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import select
 
@@ -216,12 +217,20 @@ def channel_list(
 @app.command("add-app-only")
 def channel_add_app_only(
     address: Annotated[str, typer.Argument(help="The mailbox, e.g. support@contoso.com.")],
-    transport: Annotated[str, typer.Option(help="graph (app-only IMAP/SMTP is not offered yet).")] = "graph",
+    transport: Annotated[
+        str,
+        typer.Option(
+            help="graph (application permissions Mail.ReadWrite, Mail.Send) or imap (IMAP and SMTP with "
+            "IMAP.AccessAsApp, SMTP.SendAsApp and FullAccess on the mailbox)."
+        ),
+    ] = "graph",
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Add a mailbox that Postdesk opens as the app itself (no sign-in), after checking access."""
+    """Add a mailbox that Postdesk opens as the app itself (no sign-in), after checking access: over
+    Graph it opens the Inbox, over IMAP it signs in as the mailbox and selects INBOX. A refusal prints
+    what to grant and the Exchange Online PowerShell that does it."""
     if transport not in {choice.value for choice in Transport}:
-        fail("--transport must be graph")
+        fail("--transport must be graph or imap")
     runtime = start()
     outcome = add_app_only_mailbox(runtime, address, transport=Transport(transport))
     if json_output:
@@ -234,11 +243,13 @@ def channel_add_app_only(
 
 def _print_app_only_outcome(outcome: AppOnlyOutcome) -> None:
     if outcome.ok:
-        console.print(f"Added {outcome.address} (channel {outcome.channel_id}), app-only through Graph.")
+        over = "through Graph" if outcome.transport == Transport.GRAPH.value else "over IMAP and SMTP"
+        console.print(f"Added {outcome.address} (channel {outcome.channel_id}), app-only {over}.")
     else:
-        errors.print(f"[bold red]error:[/] {outcome.problem}", highlight=False)
+        # Server replies carry brackets ("[AUTHENTICATIONFAILED]") that must not be read as Rich markup.
+        errors.print(f"[bold red]error:[/] {escape(outcome.problem)}", highlight=False)
         if outcome.fix:
-            errors.print(f"How to fix it: {outcome.fix}", highlight=False)
+            errors.print(f"How to fix it: {escape(outcome.fix)}", highlight=False)
     for warning in outcome.warnings:
         _warn(warning)
     if outcome.powershell:

@@ -22,6 +22,7 @@ _REAUTHENTICATE = "On the mailbox's page choose Re-authenticate and sign in as t
 _OUTLOOK_APP_ID = "00000002-0000-0ff1-ce00-000000000000"
 _GRAPH_APP_ID = "00000003-0000-0000-c000-000000000000"
 REQUIRED_SCOPES = ("IMAP.AccessAsUser.All", "SMTP.Send")
+APP_ROLES = ("IMAP.AccessAsApp", "SMTP.SendAsApp")
 
 
 def settings_complete(probe: Probe) -> str:
@@ -125,6 +126,19 @@ def check_token_claims(access_token: str, cloud: Cloud) -> str:
     user = str(claims.get("upn") or claims.get("unique_name") or claims.get("preferred_username") or "?")
     _check_audience(audience, cloud)
     scopes = str(claims.get("scp") or "").split()
+    if not scopes and claims.get("roles"):  # app-only: application permissions, no user
+        roles = [str(role) for role in claims["roles"]]
+        missing_roles = [name for name in APP_ROLES if name.lower() not in {r.lower() for r in roles}]
+        if missing_roles:
+            raise CheckFailed(
+                f"The app's token lacks the application permission{'s' * (len(missing_roles) > 1)} "
+                f"{' and '.join(missing_roles)}, so Exchange will refuse it.",
+                "In Entra ID open App registrations › the app › API permissions, add "
+                f"{' and '.join(missing_roles)} (Office 365 Exchange Online › Application permissions) and "
+                "grant admin consent.",
+                detail=f"aud {audience}; roles: {' '.join(roles)}",
+            )
+        return f"For {audience} (Exchange Online), app-only, roles: {' '.join(roles)}."
     missing = [name for name in REQUIRED_SCOPES if name.lower() not in {s.lower() for s in scopes}]
     if missing:
         raise CheckFailed(

@@ -231,7 +231,9 @@ def _login(runtime: Runtime, mailbox: ImapMailbox, channel_id: int, email: str, 
         raise _Refused(
             f"{exc}. Microsoft issued a fresh token but the IMAP server still refused it. Check that IMAP is "
             f"enabled for the mailbox (Exchange Online PowerShell: Set-CASMailbox -Identity {email} "
-            "-ImapEnabled $true) and that the app has the delegated permission IMAP.AccessAsUser.All",
+            "-ImapEnabled $true) and that the app has the delegated permission IMAP.AccessAsUser.All (for an "
+            "app-only mailbox: the application permission IMAP.AccessAsApp, and FullAccess on the mailbox "
+            "for the app's service principal through Add-MailboxPermission)",
             ChannelStatus.ERROR,
         ) from exc
 

@@ -171,17 +171,6 @@ def acquire_access_token(
             lock.release()
 
 
-APP_ONLY_IMAP = Explanation(
-    title="App-only access works through Microsoft Graph only",
-    cause="This mailbox is set up for app-only access over IMAP and SMTP, which Postdesk does not offer yet.",
-    fix="Delete the mailbox and add it again with the Graph transport "
-    "(postdesk channel add-app-only ADDRESS --transport graph), or connect it by signing in.",
-    remedy=Remedy.REAUTHENTICATE,
-    transient=False,
-    channel_status="error",
-)
-
-
 def _acquire_app_token(
     session: Session, identity: MicrosoftIdentity, channel: Channel, *, force_refresh: bool, now: datetime
 ) -> AccessToken:
@@ -201,17 +190,24 @@ def _acquire_app_token(
 
 
 def _app_token(identity: MicrosoftIdentity, channel: Channel, *, force_refresh: bool) -> AccessToken:
-    if channel.transport is not Transport.GRAPH:
-        raise TokenError(APP_ONLY_IMAP, "app-only IMAP/SMTP is not supported")
-    return app_access_token(identity, force_refresh=force_refresh)
+    return app_access_token(identity, force_refresh=force_refresh, transport=channel.transport)
 
 
-def app_access_token(identity: MicrosoftIdentity, *, force_refresh: bool = False) -> AccessToken:
-    """The app's own Microsoft Graph token (client credentials). Raises ``TokenError``, recording
-    nothing: for checks made before a channel exists."""
+def app_resource(identity: MicrosoftIdentity, transport: Transport) -> str:
+    """The resource an app-only token is for: Microsoft Graph, or for IMAP and SMTP the Outlook resource
+    (Office 365 Exchange Online), whose token carries the roles IMAP.AccessAsApp and SMTP.SendAsApp."""
+    cloud = identity.endpoints.cloud
+    return cloud.graph_url if transport is Transport.GRAPH else cloud.outlook_resource
+
+
+def app_access_token(
+    identity: MicrosoftIdentity, *, force_refresh: bool = False, transport: Transport = Transport.GRAPH
+) -> AccessToken:
+    """The app's own token (client credentials) for ``transport``'s resource. Raises ``TokenError``,
+    recording nothing: for checks made before a channel exists."""
     try:
         result = identity.acquire_token_for_client(
-            identity.endpoints.cloud.graph_url, force_refresh=force_refresh
+            app_resource(identity, transport), force_refresh=force_refresh
         )
     except UnreadableAnswer as exc:  # before RequestException, of which it is one
         raise TokenError(UNREADABLE, str(exc)) from exc

@@ -18,6 +18,13 @@ table of rights is what every sandbox server consults: the Dovecot IMAP server (
 the introspection answer: the addresses the token's user may open, its own and those it has FullAccess
 on), the SMTP submission server (SendAs) and the Graph mail API (FullAccess, SendAs, SendOnBehalf).
 
+Apps, for app-only IMAP and SMTP: ``directory.grant_mailbox_rights(mailbox, app.client_id,
+send_as=False)`` stands for ``New-ServicePrincipal`` plus ``Add-MailboxPermission -User <service
+principal> -AccessRights FullAccess``. Rights are keyed by the app's client id (the service principal's
+object id, the ``oid`` of its tokens, counts as the same app). An app-only Outlook token with the role
+IMAP.AccessAsApp lists in its introspection answer the mailboxes the app has FullAccess on
+(``mailboxes_openable_by_app``), and the submission server lets one with SMTP.SendAsApp send as them.
+
 Faults for the next calls queue up per endpoint, one call each: ``fail_next`` (Microsoft's error body,
 optionally with ``Retry-After``), and for the token endpoint ``answer_next`` (a raw body of any status
 and content type, as a proxy or broken front end sends) and ``delay_next`` (a hang before the normal
@@ -751,6 +758,17 @@ class SandboxDirectory:
                 if delegate == upn.lower() and FULL_ACCESS in rights
             )
         return [upn.lower(), *delegated]
+
+    def mailboxes_openable_by_app(self, client_id: str, service_principal: str | None = None) -> list[str]:
+        """The mailboxes an app has FullAccess on, granted to its client id or to its service principal
+        (Exchange's ``Add-MailboxPermission -User`` names the service principal; both mean the app)."""
+        holders = {client_id.lower(), *([service_principal.lower()] if service_principal else [])}
+        with self.lock:
+            return sorted(
+                mailbox
+                for (mailbox, delegate), rights in self.mailbox_rights.items()
+                if delegate in holders and FULL_ACCESS in rights
+            )
 
     def resolve_authority(self, segment: str) -> Authority | None:
         lowered = segment.lower()
@@ -1530,6 +1548,30 @@ def introspect(directory: SandboxDirectory, token: str) -> dict[str, Any]:
         # no %variables), so the answer lists what the token's user may open, comma-delimited for a
         # wildcard match on ",<login user>,"; see mailserver.py.
         answer["mailboxes"] = "," + ",".join(directory.mailboxes_openable_by(str(claims["upn"]))) + ","
+    elif claims.get("idtyp") == "app":
+        answer |= _app_introspection(directory, claims)
+    return answer
+
+
+# The Exchange Online application permission (app role) that opens mailboxes over IMAP.
+IMAP_APP_ROLE = "IMAP.AccessAsApp"
+
+
+def _app_introspection(directory: SandboxDirectory, claims: Mapping[str, Any]) -> dict[str, Any]:
+    """The app-only part of an introspection answer.
+
+    ``username`` is the client id: RFC 7662's resource owner of a client credentials token is the client
+    itself, and Dovecot's oauth2 passdb needs a username in every answer (without one it reports an
+    internal failure, which would turn a refusal into "try again later"). No mailbox address ever equals
+    it, so only mailserver.py's app passdb, which checks ``mailboxes``, can let an app token in. Those
+    are listed only for an Outlook token carrying IMAP.AccessAsApp, as Exchange Online opens a mailbox
+    for an app only with that role and the app's FullAccess on the mailbox."""
+    client_id = str(claims.get("appid") or "")
+    answer: dict[str, Any] = {"username": client_id}
+    roles = claims.get("roles")
+    if OUTLOOK.names(str(claims.get("aud") or "")) and isinstance(roles, list) and IMAP_APP_ROLE in roles:
+        openable = directory.mailboxes_openable_by_app(client_id, str(claims.get("oid") or "") or None)
+        answer["mailboxes"] = "," + ",".join(openable) + ","
     return answer
 
 

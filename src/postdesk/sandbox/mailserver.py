@@ -11,7 +11,7 @@ Verified on Debian 12's dovecot-imapd 2.3.19.1, run as root:
   required`, a trustme certificate for 127.0.0.1 and localhost.
 - Token validation: `introspection_mode = post` against the sandbox's RFC 7662 `/_sandbox/introspect`
   (`force_introspection = yes`, `active_attribute = active`, `active_value = true`, `username_attribute
-  = upn`, `scope = IMAP.AccessAsUser.All`), trusting the sandbox CA through `tls_ca_cert_file` in
+  = username`, `scope = IMAP.AccessAsUser.All`), trusting the sandbox CA through `tls_ca_cert_file` in
   oauth2.conf.ext. It works as documented on 2.3.19, so local JWT validation is not needed. Every login
   asks the sandbox (`auth_cache_size = 0`), so `directory.clock_offset` takes effect at once. A token
   for another user ("Username 'x' did not match 'y'"), a garbage or expired token ("Provided token is
@@ -24,6 +24,15 @@ Verified on Debian 12's dovecot-imapd 2.3.19.1, run as root:
   the `mailboxes` the introspection lists (the user's own and those with FullAccess): `pass_attrs` sets
   `allow_nets` to everything or to nothing with `%{if;…;*;…}`. A refusal there logs "allow_nets check
   failed" after the first passdb's "Username … did not match …".
+- App-only access, as Exchange Online does it for an app with IMAP.AccessAsApp: the app's client
+  credentials token (no user in it) opens a mailbox with XOAUTH2 `user=<mailbox>` when the app has
+  FullAccess on it. A third oauth2 passdb requires the scope IMAP.AccessAsApp and, as the second, lets
+  the login through only when `,<login user>,` is in the listed `mailboxes` (for an app token, those it
+  has FullAccess on). Every passdb reads the RFC 7662 `username` (the user's UPN; an app token's client
+  id, which matches no login) rather than `upn`: an answer without the username attribute is an internal
+  failure in Dovecot, and one internal failure makes any later refusal "[UNAVAILABLE] Temporary
+  authentication failure" instead of AUTHENTICATIONFAILED. A scope mismatch ends the passdb chain at
+  once, so the name check is what keeps user tokens and app tokens in their own passdbs.
 - The namespace separator is "/" as on Exchange Online; on disk it is Maildir++ (`.Parent.Child`, names
   in modified UTF-7). The Outlook special-use folders (Archive, Deleted Items, Drafts, Junk Email, Sent
   Items) are created and subscribed at a mailbox's first login.
@@ -86,6 +95,9 @@ def free_port() -> int:
 
 
 IMAP_SCOPE = "https://outlook.office.com/IMAP.AccessAsUser.All"
+# A passdb's `allow_nets`: every address when `,<login user>,` is in the introspection's `mailboxes`,
+# else none (see the module docstring).
+_ALLOW_LISTED_MAILBOXES = "allow_nets=%{if;%{oauth2:mailboxes};*;*,%Lu,*;0.0.0.0/0,::/0;255.255.255.255/32}"
 # `issue_token(upn, scope=IMAP_SCOPE) -> access token`, as the tests' fixture of that name provides it.
 IssueToken = Callable[..., str]
 STARTUP_TIMEOUT_SECONDS = 10.0
@@ -462,9 +474,10 @@ class DovecotServer:
     def _write_config(self) -> None:
         (self.directory / "oauth2.conf.ext").write_text(self._oauth2_config())
         (self.directory / "oauth2-delegates.conf.ext").write_text(self._delegate_config())
+        (self.directory / "oauth2-apps.conf.ext").write_text(self._app_config())
         self.config_path.write_text(self._dovecot_config())
 
-    def _oauth2_config(self) -> str:
+    def _oauth2_config(self, *, scope: str = "IMAP.AccessAsUser.All") -> str:
         return "\n".join(
             [
                 "# The sandbox identity platform's RFC 7662 endpoint decides whether a token is live.",
@@ -473,8 +486,8 @@ class DovecotServer:
                 "force_introspection = yes",
                 "active_attribute = active",
                 "active_value = true",
-                "username_attribute = upn",
-                "scope = IMAP.AccessAsUser.All",
+                "username_attribute = username",
+                f"scope = {scope}",
                 f"tls_ca_cert_file = {self.directory / 'tls' / 'sandbox-ca.pem'}",
                 "timeout_msecs = 5000",
                 "",
@@ -487,8 +500,19 @@ class DovecotServer:
             [
                 "# Any live token of the domain passes the name check; the mailbox list decides.",
                 "username_format = %Ld",
-                "pass_attrs = allow_nets="
-                "%{if;%{oauth2:mailboxes};*;*,%Lu,*;0.0.0.0/0,::/0;255.255.255.255/32}",
+                f"pass_attrs = {_ALLOW_LISTED_MAILBOXES}",
+                "",
+            ]
+        )
+
+    def _app_config(self) -> str:
+        """The third passdb: an app's token (IMAP.AccessAsApp) for a mailbox it has FullAccess on."""
+        return self._oauth2_config(scope="IMAP.AccessAsApp") + "\n".join(
+            [
+                "# An app token names no user: the same constant on both sides of the name check, so the",
+                "# scope and the mailbox list decide.",
+                "username_format = app",
+                f"pass_attrs = {_ALLOW_LISTED_MAILBOXES}",
                 "",
             ]
         )
@@ -528,6 +552,12 @@ passdb {{
   driver = oauth2
   mechanisms = xoauth2 oauthbearer
   args = {root}/oauth2-delegates.conf.ext
+}}
+# Tried last: an app opening a mailbox with its own token (IMAP.AccessAsApp).
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {root}/oauth2-apps.conf.ext
 }}
 userdb {{
   driver = static

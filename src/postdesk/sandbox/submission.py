@@ -14,7 +14,11 @@ what aiosmtpd hard-codes):
   Exchange does, and refused (basic authentication is retired).
 - The bearer token is checked with the sandbox identity platform (RFC 7662 introspection, in process):
   active, for the Outlook resource, with the ``SMTP.Send`` scope, and issued to the ``user=`` of the
-  XOAUTH2 string; anything else is "535 5.7.3 Authentication unsuccessful".
+  XOAUTH2 string; anything else is "535 5.7.3 Authentication unsuccessful". An app's own token (client
+  credentials, no user) is accepted instead when it carries the application permission SMTP.SendAsApp
+  and the app has FullAccess on the ``user=`` mailbox (``Add-MailboxPermission`` for its service
+  principal: the sandbox directory's mailbox rights, keyed by client id); the mailbox then counts as
+  the one that authenticated.
 - Exchange's per-mailbox and per-tenant switches for SMTP AUTH (``SmtpClientAuthenticationDisabled``),
   send-as grants (``grant_send_as`` here, or SendAs in the sandbox directory's mailbox rights; checked
   on the envelope sender and the header From after DATA, "554 5.2.252 SendAsDenied"), and a maximum
@@ -53,13 +57,22 @@ from typing import Any, AnyStr, Literal, get_args
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, auth_mechanism
 
-from postdesk.sandbox.identity import OUTLOOK, SEND_AS, SandboxDirectory, SandboxUser, introspect
+from postdesk.sandbox.identity import (
+    FULL_ACCESS,
+    OUTLOOK,
+    SEND_AS,
+    SandboxDirectory,
+    SandboxUser,
+    introspect,
+)
 from postdesk.sandbox.mailserver import DovecotServer
 from postdesk.sandbox.tls import TlsFiles, ensure_server_certificate
 
 Stage = Literal["connect", "ehlo", "auth", "mail", "rcpt", "data"]
 STAGES: tuple[str, ...] = get_args(Stage)
 SMTP_SCOPE = "https://outlook.office.com/SMTP.Send"
+# The Exchange Online application permission (app role) for SMTP AUTH with an app's own token.
+SMTP_APP_ROLE = "SMTP.SendAsApp"
 SENT_ITEMS = "Sent Items"
 # Exchange Online's default maximum size of a message a mailbox sends (MaxSendSize, 35 MB).
 DEFAULT_MAX_MESSAGE_SIZE = 35 * 1024 * 1024
@@ -353,11 +366,26 @@ class SubmissionServer:
         with self.directory.lock:  # tests add users from their own thread
             return self.directory.find_user(upn)
 
-    def smtp_auth_disabled_for(self, user: SandboxUser) -> str | None:
-        """``"Mailbox"`` or ``"Tenant"`` when SMTP AUTH is off for this user, else None."""
+    def verify_app_token(self, mailbox: str, token: str) -> Submitter | None:
+        """Who submits when an app authenticates as ``mailbox`` with its own token: the mailbox, when the
+        token carries SMTP.SendAsApp and the app has FullAccess on it (a user's or a shared mailbox);
+        otherwise None."""
+        claims = introspect(self.directory, token)
+        if not claims.get("active") or "upn" in claims or not OUTLOOK.names(str(claims.get("aud") or "")):
+            return None
+        if SMTP_APP_ROLE.lower() not in {name.lower() for name in str(claims.get("scope") or "").split()}:
+            return None
+        client_id, tenant_id = str(claims.get("client_id") or ""), str(claims.get("tid") or "")
+        holders = (client_id, str(claims.get("oid") or ""))
+        if not any(FULL_ACCESS in self.directory.rights_on(mailbox, holder) for holder in holders if holder):
+            return None
+        return Submitter(mailbox.lower(), tenant_id)
+
+    def smtp_auth_disabled_for(self, submitter: Submitter) -> str | None:
+        """``"Mailbox"`` or ``"Tenant"`` when SMTP AUTH is off for this mailbox, else None."""
         with self._lock:
-            mailbox_setting = self._mailbox_smtp_auth_disabled.get(user.upn.lower())
-            tenant_disabled = user.tenant_id in self._tenants_smtp_auth_disabled
+            mailbox_setting = self._mailbox_smtp_auth_disabled.get(submitter.address)
+            tenant_disabled = submitter.tenant_id in self._tenants_smtp_auth_disabled
         if mailbox_setting is not None:
             return "Mailbox" if mailbox_setting else None
         return "Tenant" if tenant_disabled else None
@@ -415,10 +443,16 @@ class SubmissionServer:
 
 
 @dataclass(frozen=True)
-class _Submitter:
-    """What a successful AUTH leaves on the session."""
+class Submitter:
+    """What a successful AUTH leaves on the session: the mailbox that authenticated (a user's own, or
+    the one an app authenticated for) and its tenant."""
 
-    user: SandboxUser
+    address: str
+    tenant_id: str
+
+    @classmethod
+    def of(cls, user: SandboxUser) -> Submitter:
+        return cls(user.upn.lower(), user.tenant_id)
 
 
 class _SubmissionHandler:
@@ -471,15 +505,21 @@ class _SubmissionHandler:
         return self._authenticate(blob)
 
     def _authenticate(self, blob: bytes) -> AuthResult:
-        credentials = parse_xoauth2(blob)
-        user = self.server.verify_token(*credentials) if credentials else None
-        if user is None:
+        submitter = self._submitter(blob)
+        if submitter is None:
             return AuthResult(success=False, handled=False, message=AUTH_UNSUCCESSFUL + _diagnostics())
-        disabled_for = self.server.smtp_auth_disabled_for(user)
+        disabled_for = self.server.smtp_auth_disabled_for(submitter)
         if disabled_for is not None:
             message = SMTP_AUTH_DISABLED.format(scope=disabled_for) + _diagnostics()
             return AuthResult(success=False, handled=False, message=message)
-        return AuthResult(success=True, auth_data=_Submitter(user), message=AUTH_SUCCESSFUL)
+        return AuthResult(success=True, auth_data=submitter, message=AUTH_SUCCESSFUL)
+
+    def _submitter(self, blob: bytes) -> Submitter | None:
+        credentials = parse_xoauth2(blob)
+        if credentials is None:
+            return None
+        user = self.server.verify_token(*credentials)
+        return Submitter.of(user) if user is not None else self.server.verify_app_token(*credentials)
 
     def refuse_basic_auth(
         self, smtp: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
@@ -520,14 +560,14 @@ class _SubmissionHandler:
         if len(raw) > self.server.max_message_size:
             return MESSAGE_TOO_BIG
         submitter = session.auth_data
-        assert isinstance(submitter, _Submitter)  # MAIL needs a successful AUTH
-        refusal = self.server.send_as_refusal(submitter.user.upn, envelope.mail_from or "", raw)
+        assert isinstance(submitter, Submitter)  # MAIL needs a successful AUTH
+        refusal = self.server.send_as_refusal(submitter.address, envelope.mail_from or "", raw)
         if refusal is not None:
             return refusal
         drop = self.server.take_drop()
         if drop is False:
             return HANG_UP
-        self.server.accept(submitter.user.upn, envelope, raw)
+        self.server.accept(submitter.address, envelope, raw)
         if drop:
             return HANG_UP
         await self.server.wait_before_answering()

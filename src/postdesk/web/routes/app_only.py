@@ -1,5 +1,6 @@
-"""Adding a mailbox app-only from the Channels page: the form posts here, Postdesk checks the app's
-access through Graph and either adds the mailbox or shows what to grant and the PowerShell to run."""
+"""Adding a mailbox app-only from the Channels page: the form posts here with the address and the
+transport (Graph, or IMAP and SMTP), Postdesk checks the app's access that way and either adds the mailbox
+or shows what to grant and the PowerShell to run."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
 
-from postdesk.microsoft.app_only import add_app_only_mailbox
+from postdesk.db.models import Transport
+from postdesk.microsoft.app_only import AppOnlyOutcome, add_app_only_mailbox
 from postdesk.web.deps import CurrentAdmin, RuntimeDep, SessionDep
 from postdesk.web.templating import render
 
@@ -22,10 +24,14 @@ def add_app_only(
     runtime: RuntimeDep,
     admin: CurrentAdmin,
     address: Annotated[str, Form(max_length=320)],
+    transport: Annotated[str, Form(max_length=10)] = Transport.GRAPH.value,
 ) -> Response:
     """With htmx the result replaces the page's "App-only mailbox" section; without, it is a page."""
     db.commit()  # end the read transaction: the check asks Microsoft and writes on its own session
-    outcome = add_app_only_mailbox(runtime, address)
+    if transport in {choice.value for choice in Transport}:
+        outcome = add_app_only_mailbox(runtime, address, transport=Transport(transport))
+    else:
+        outcome = AppOnlyOutcome(address=address, problem="Choose Microsoft Graph or IMAP and SMTP.")
     context = {
         "section": "channels",
         "user": admin,
