@@ -17,12 +17,21 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from postdesk.config import Settings
-from postdesk.db.models import Channel, DeliveryStatus, MicrosoftApp, OutboundMessage, Ticket, User
+from postdesk.db.models import (
+    Channel,
+    DeliveryStatus,
+    MicrosoftApp,
+    OutboundMessage,
+    Ticket,
+    Transport,
+    User,
+)
 from postdesk.db.session import transaction
 from postdesk.ingest.fetch import FetchResult, fetch_channel
+from postdesk.microsoft.clouds import CLOUDS, GRAPH_MAIL_PERMISSIONS
 from postdesk.outbox.queue import Draft, queue_reply
 from postdesk.runtime import Runtime, bootstrap
-from postdesk.sandbox import CONTOSO_TENANT_ID, RegisteredApp, SandboxDirectory, SandboxServer
+from postdesk.sandbox import CONTOSO_TENANT_ID, GraphMailStore, RegisteredApp, SandboxDirectory, SandboxServer
 from postdesk.sandbox.submission import SubmissionServer
 from postdesk.tickets.service import get_ticket
 from postdesk.web.app import create_app
@@ -307,3 +316,41 @@ def wait_for_delivery(runtime: Runtime, article_id: int, *statuses: DeliveryStat
         if time.monotonic() > deadline:
             pytest.fail(f"article {article_id} still {row.status if row else 'unqueued'} after the deadline")
         time.sleep(0.1)
+
+
+@pytest.fixture
+def store(sandbox: SandboxServer) -> Iterator[GraphMailStore]:
+    """The sandbox's Graph mailboxes, emptied of faults, holds and limits before and after the test."""
+    sandbox.graph.reset()
+    yield sandbox.graph
+    sandbox.graph.reset()
+
+
+def signin_client_id(runtime: Runtime) -> str:
+    with runtime.sessions() as session:
+        return session.scalars(select(MicrosoftApp.client_id)).one()
+
+
+@pytest.fixture
+def graph_channel(
+    signin: SignIn,
+    m365_runtime: Runtime,
+    mailbox_user: str,
+    directory: SandboxDirectory,
+    store: GraphMailStore,
+) -> int:
+    """A mailbox connected through the real sign-in, then switched to Graph, with the account's consent
+    to Graph's mail permissions granted in the directory as a consent screen for them would."""
+    assert signin.connect(mailbox_user).status_code == 303
+    [channel] = channels(m365_runtime)
+    user = directory.find_user(mailbox_user)
+    assert user is not None
+    graph = CLOUDS["global"].graph_url
+    directory.grant_consent(
+        user.oid, signin_client_id(m365_runtime), [f"{graph}/{name}" for name in GRAPH_MAIL_PERMISSIONS]
+    )
+    with transaction(m365_runtime.sessions) as session:
+        row = session.get(Channel, channel.id)
+        assert row is not None
+        row.transport = Transport.GRAPH
+    return channel.id

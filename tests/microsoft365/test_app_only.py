@@ -8,9 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from email import message_from_bytes, policy
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -24,14 +22,12 @@ from postdesk.microsoft.certificates import generate_certificate
 from postdesk.outbox.queue import Draft
 from postdesk.outbox.sender import send_due
 from postdesk.runtime import Runtime
-from postdesk.sandbox import CONTOSO_TENANT_ID, GraphMailStore, RegisteredApp, SandboxDirectory, SandboxServer
-from postdesk.sandbox.submission import SubmissionServer
+from postdesk.sandbox import CONTOSO_TENANT_ID, GraphMailStore, RegisteredApp, SandboxDirectory
 from postdesk.web.app import create_app
 from tests.conftest import ADMIN_PASSWORD, csrf_from, sign_in
 from tests.microsoft365.conftest import (
     BASE_URL,
     QUESTION_ID,
-    SECRET_KEY,
     channels,
     delivery_of,
     fetch,
@@ -39,40 +35,11 @@ from tests.microsoft365.conftest import (
     tickets,
 )
 from tests.support.cli import environment_for
-from tests.support.dovecot import DovecotServer
 from tests.support.mailfactory import customer_mail
 
 GRAPH = "https://graph.microsoft.com"
 BOTH = (f"{GRAPH}/Mail.ReadWrite", f"{GRAPH}/Mail.Send")
 CUSTOMER = "jana@fabrikam.example"
-
-
-@pytest.fixture
-def m365_settings(
-    tmp_path: Path,
-    sandbox: SandboxServer,
-    dovecot: DovecotServer,
-    smtp_submission: SubmissionServer,
-    trusted_cas: Path,
-) -> Settings:
-    """The usual desk, with Graph at the sandbox."""
-    return Settings(
-        data_dir=tmp_path / "data",
-        secret_key=SECRET_KEY,
-        base_url=BASE_URL,
-        microsoft_login_url=sandbox.base_url,
-        microsoft_graph_url=sandbox.base_url,
-        ca_bundle=trusted_cas,
-        microsoft_imap=f"127.0.0.1:{dovecot.port}",
-        microsoft_smtp=f"127.0.0.1:{smtp_submission.port}",
-    )
-
-
-@pytest.fixture
-def store(sandbox: SandboxServer) -> Iterator[GraphMailStore]:
-    sandbox.graph.reset()
-    yield sandbox.graph
-    sandbox.graph.reset()
 
 
 def register_daemon(

@@ -4,7 +4,6 @@ against the sandbox: real sign-in, real tokens for the Graph resource, the sandb
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from email import message_from_bytes, policy
 from pathlib import Path
@@ -21,18 +20,16 @@ from postdesk.db.models import (
     ChannelStatus,
     DeliveryStatus,
     InboundMessage,
-    MicrosoftApp,
     Transport,
 )
 from postdesk.db.session import transaction
 from postdesk.db.types import utcnow
 from postdesk.ingest import graph_fetch
 from postdesk.ingest.fetch import fetch_channel
-from postdesk.microsoft.clouds import GRAPH_MAIL_PERMISSIONS
 from postdesk.outbox.queue import Draft
 from postdesk.outbox.sender import send_due
 from postdesk.runtime import Runtime
-from postdesk.sandbox import GraphMailStore, SandboxDirectory, SandboxServer
+from postdesk.sandbox import GraphMailStore, SandboxDirectory
 from postdesk.sandbox.graph import SentMail
 from postdesk.sandbox.submission import SubmissionServer
 from postdesk.transports.errors import OutcomeUnknown
@@ -50,45 +47,6 @@ from tests.microsoft365.conftest import (
 from tests.support.mailfactory import customer_mail
 
 GRAPH_RESOURCE = "https://graph.microsoft.com"
-
-
-@pytest.fixture
-def store(sandbox: SandboxServer) -> Iterator[GraphMailStore]:
-    sandbox.graph.reset()
-    yield sandbox.graph
-    sandbox.graph.reset()
-
-
-@pytest.fixture
-def graph_channel(
-    signin: SignIn,
-    m365_runtime: Runtime,
-    mailbox_user: str,
-    directory: SandboxDirectory,
-    store: GraphMailStore,
-) -> int:
-    """A mailbox connected through the real sign-in, then switched to Graph. Until the add-account form
-    offers the choice, the account's consent to Graph's mail permissions is granted in the directory, as
-    a consent screen for them would."""
-    assert signin.connect(mailbox_user).status_code == 303
-    [channel] = channels(m365_runtime)
-    user = directory.find_user(mailbox_user)
-    assert user is not None
-    client_id = signin_client_id(m365_runtime)
-    directory.grant_consent(
-        user.oid, client_id, [f"{GRAPH_RESOURCE}/{name}" for name in GRAPH_MAIL_PERMISSIONS]
-    )
-    with transaction(m365_runtime.sessions) as session:
-        row = session.get(Channel, channel.id)
-        assert row is not None
-        row.transport = Transport.GRAPH
-    return channel.id
-
-
-def signin_client_id(runtime: Runtime) -> str:
-    with runtime.sessions() as session:
-        app = session.scalars(select(MicrosoftApp)).one()
-        return app.client_id
 
 
 def inbound_rows(runtime: Runtime, channel_id: int) -> list[InboundMessage]:

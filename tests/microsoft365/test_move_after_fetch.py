@@ -3,7 +3,7 @@ Dovecot and over Graph against the sandbox, and the mailbox settings form that c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -11,15 +11,14 @@ from fastapi.testclient import TestClient
 from imapclient import IMAPClient
 from sqlalchemy import select, update
 
-from postdesk.db.models import Channel, ChannelStatus, InboundMessage, MicrosoftApp, Transport
+from postdesk.db.models import Channel, ChannelStatus, InboundMessage
 from postdesk.db.session import transaction
 from postdesk.ingest.fetch import access_token_for_channel, default_mailbox, fetch_channel, move_target
-from postdesk.microsoft.clouds import GRAPH_MAIL_PERMISSIONS
 from postdesk.runtime import Runtime
-from postdesk.sandbox import GraphMailStore, SandboxDirectory, SandboxServer
+from postdesk.sandbox import GraphMailStore
 from postdesk.transports.errors import TransportError
 from tests.conftest import csrf_from
-from tests.microsoft365.conftest import SignIn, channels, fetch, tickets
+from tests.microsoft365.conftest import fetch, tickets
 from tests.support.dovecot import DovecotServer
 from tests.support.mailfactory import customer_mail
 
@@ -195,43 +194,6 @@ def test_the_imap_transport_names_a_missing_folder_when_the_server_says_trycreat
 
 
 # -- Graph --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def store(sandbox: SandboxServer) -> Iterator[GraphMailStore]:
-    sandbox.graph.reset()
-    yield sandbox.graph
-    sandbox.graph.reset()
-
-
-@pytest.fixture
-def graph_channel(
-    signin: SignIn,
-    m365_runtime: Runtime,
-    mailbox_user: str,
-    directory: SandboxDirectory,
-    store: GraphMailStore,
-) -> int:
-    """A mailbox connected through the real sign-in, then switched to Graph, with the account's consent
-    to Graph's mail permissions granted in the directory (as in test_graph_mailbox.py)."""
-    assert signin.connect(mailbox_user).status_code == 303
-    [channel] = channels(m365_runtime)
-    user = directory.find_user(mailbox_user)
-    assert user is not None
-    client_id = _client_id(m365_runtime)
-    directory.grant_consent(
-        user.oid, client_id, [f"{GRAPH_RESOURCE}/{name}" for name in GRAPH_MAIL_PERMISSIONS]
-    )
-    with transaction(m365_runtime.sessions) as session:
-        row = session.get(Channel, channel.id)
-        assert row is not None
-        row.transport = Transport.GRAPH
-    return channel.id
-
-
-def _client_id(runtime: Runtime) -> str:
-    with runtime.sessions() as session:
-        return session.scalars(select(MicrosoftApp)).one().client_id
 
 
 def deliver_graph(store: GraphMailStore, mailbox: str) -> str:
