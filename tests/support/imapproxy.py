@@ -78,11 +78,32 @@ class _Relay:
     responses_seen: int = 0
     replies: dict[bytes, bytes] = field(default_factory=dict)  # tag -> replacement reply
     closed: bool = False
+    state_lock: threading.Lock = field(default_factory=threading.Lock)
+    threads_inside: int = 2  # the two relay threads; the last one out frees the sockets
 
     def close(self) -> None:
-        self.closed = True
-        _close(self.client)
-        _close(self.server)
+        """Stop relaying: shut both connections down, which wakes the threads blocked reading them.
+
+        Only shut down, never freed here: closing a TLS socket while another thread is inside OpenSSL
+        on it can crash the whole process (it did, once, in CI). ``leave`` frees them."""
+        with self.state_lock:
+            if self.closed:
+                return
+            self.closed = True
+        for sock in (self.client, self.server):
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def leave(self) -> None:
+        """A relay thread is done with the sockets; the last one closes them."""
+        self.close()
+        with self.state_lock:
+            self.threads_inside -= 1
+            last = self.threads_inside == 0
+        if last:
+            for sock in (self.client, self.server):
+                with contextlib.suppress(OSError):
+                    sock.close()
 
 
 def _close(sock: ssl.SSLSocket) -> None:
@@ -291,7 +312,7 @@ class ImapFaultProxy:
         except (OSError, ValueError):
             pass
         finally:
-            relay.close()
+            relay.leave()
 
     def _on_client_line(self, relay: _Relay, line: bytes) -> None:
         tag, command = _command_of(line)
@@ -327,7 +348,7 @@ class ImapFaultProxy:
         except (OSError, ValueError):
             pass
         finally:
-            relay.close()
+            relay.leave()
 
     @staticmethod
     def _replaced(relay: _Relay, line: bytes) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import imaplib
 import re
+import socket
 import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -270,11 +271,14 @@ class ImapMailbox:
         return started.new_mail or news.new_mail or closing.new_mail
 
     def abort(self) -> None:
-        """Drop the connection from another thread, e.g. to end an IDLE wait at shutdown."""
+        """Drop the connection from another thread, e.g. to end a sign-in or an IDLE wait at shutdown.
+
+        Only shuts the socket down: the thread using the connection then fails, and its ``close`` frees
+        it. Freeing a TLS socket while another thread is inside OpenSSL on it can crash the process."""
         client = self._client
         if client is not None:
-            with contextlib.suppress(OSError):
-                client.shutdown()
+            with contextlib.suppress(OSError, ValueError):
+                socket.socket.shutdown(client.socket(), socket.SHUT_RDWR)
 
     def close(self) -> None:
         client, self._client = self._client, None
