@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote
 
-import httpx
 from sqlalchemy import select, update
 
 from postdesk.db.models import BacklogPolicy, Channel, InboundMessage, InboundStatus
@@ -48,7 +46,7 @@ from postdesk.microsoft.identity import tls_context
 from postdesk.runtime import Runtime
 from postdesk.storage import store_many
 from postdesk.transports.errors import TransportError
-from postdesk.transports.graph import DeltaMessage, GraphMailbox, TokenSource, _json, _Purpose
+from postdesk.transports.graph import DeltaMessage, GraphMailbox, TokenSource
 
 log = logging.getLogger(__name__)
 
@@ -73,37 +71,6 @@ def uid_for(message_id: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-class ChannelMailbox(GraphMailbox):
-    """``GraphMailbox`` plus the two lookups a channel needs: a folder's id, and Sent Items by
-    Internet Message-ID. (Candidates for ``transports/graph.py`` itself.)"""
-
-    def __enter__(self) -> ChannelMailbox:
-        return self
-
-    def folder_id(self, reference: str) -> str:
-        """The id of a folder named by id or by well-known name (``inbox``)."""
-        url = self._url(f"/mailFolders/{quote(reference, safe='')}")
-        folder = self._call("GET", url, _Purpose("finding the mail folder", "read"), reader=_json)
-        return str(folder["id"])
-
-    def sent_items_holding(self, internet_message_ids: Iterable[str]) -> set[str]:
-        """Which of these Message-IDs are in the mailbox's Sent Items."""
-        purpose = _Purpose("looking in Sent Items", "read")
-        found: set[str] = set()
-        for wanted in internet_message_ids:
-            # OData doubles a quote inside a string literal. The filter narrows the answer on Graph;
-            # the comparison below is what decides.
-            literal = wanted.replace("'", "''")
-            params = {"$filter": f"internetMessageId eq '{literal}'", "$select": "internetMessageId"}
-            url = str(httpx.URL(self._url("/mailFolders/sentitems/messages"), params=params))
-            listed = (
-                str(item.get("internetMessageId") or "").strip() for item in self._collection(url, purpose)
-            )
-            if wanted.strip() in listed:
-                found.add(wanted)
-        return found
-
-
 @dataclass(frozen=True)
 class GraphAccount:
     """Which mailbox a channel reaches through Graph, and as whom."""
@@ -123,8 +90,8 @@ class GraphAccount:
         return self.email if self.shared or self.app_only else None
 
 
-def open_channel_mailbox(runtime: Runtime, account: GraphAccount, token: TokenSource) -> ChannelMailbox:
-    return ChannelMailbox(
+def open_channel_mailbox(runtime: Runtime, account: GraphAccount, token: TokenSource) -> GraphMailbox:
+    return GraphMailbox(
         endpoints_for(runtime.settings).graph_url,
         account.address,
         token=token,
@@ -196,7 +163,7 @@ class _Pass:
     """What one fetch pass carries from round to round: where it reads, what it stored, whom it tells."""
 
     runtime: Runtime
-    mailbox: ChannelMailbox
+    mailbox: GraphMailbox
     plan: _Plan
     folder_id: str
     result: FetchResult
@@ -245,7 +212,7 @@ def _fetch_pass(runtime: Runtime, result: FetchResult, token: str, progress: Pro
     return kept.by_digest
 
 
-def _settle_folder(runtime: Runtime, mailbox: ChannelMailbox, channel_id: int, folder: str) -> str:
+def _settle_folder(runtime: Runtime, mailbox: GraphMailbox, channel_id: int, folder: str) -> str:
     """The id of the folder chosen by its path (the Inbox by default), kept on the channel: Graph's ids
     survive renames, paths do not. A new folder starts a new delta round."""
     wanted = folder.strip().strip("/").lower()
@@ -360,7 +327,7 @@ def _known_uids(runtime: Runtime, channel_id: int, folder_id: str, uids: list[in
 
 
 def _downloaded(
-    mailbox: ChannelMailbox, messages: Sequence[DeltaMessage]
+    mailbox: GraphMailbox, messages: Sequence[DeltaMessage]
 ) -> Iterator[list[tuple[str, bytes]]]:
     """(id, MIME) of each message still there, in batches of ``BATCH`` or ``BATCH_BYTES``."""
     batch: list[tuple[str, bytes]] = []

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import TracebackType
 
-from postdesk.ingest.graph_fetch import ChannelMailbox, GraphAccount, open_channel_mailbox
+from postdesk.ingest.graph_fetch import GraphAccount, open_channel_mailbox
 from postdesk.runtime import Runtime
 from postdesk.transports.errors import TransportError
+from postdesk.transports.graph import GraphMailbox
 
 
 class GraphSubmission:
@@ -26,7 +27,7 @@ class GraphSubmission:
         self._token = token
         self._fresh_token = fresh_token
         self._refreshed = False
-        self.mailbox: ChannelMailbox = open_channel_mailbox(runtime, account, lambda: self._token)
+        self.mailbox: GraphMailbox = open_channel_mailbox(runtime, account, lambda: self._token)
 
     def __enter__(self) -> GraphSubmission:
         return self

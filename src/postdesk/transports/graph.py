@@ -32,7 +32,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
@@ -371,6 +371,29 @@ class GraphMailbox:
         self._client.close()
 
     # -- reading ---------------------------------------------------------------------------------
+
+    def folder_id(self, reference: str) -> str:
+        """The id of a folder named by id or by well-known name (``inbox``, ``sentitems``)."""
+        url = self._url(f"/mailFolders/{quote(reference, safe='')}")
+        folder = self._call("GET", url, _Purpose("finding the mail folder", "read"), reader=_json)
+        return str(folder["id"])
+
+    def sent_items_holding(self, internet_message_ids: Iterable[str]) -> set[str]:
+        """Which of these Message-IDs are in the mailbox's Sent Items (settling an interrupted send)."""
+        purpose = _Purpose("looking in Sent Items", "read")
+        found: set[str] = set()
+        for wanted in internet_message_ids:
+            # OData doubles a quote inside a string literal. The filter narrows the answer on Graph;
+            # the comparison below is what decides.
+            literal = wanted.replace("'", "''")
+            params = {"$filter": f"internetMessageId eq '{literal}'", "$select": "internetMessageId"}
+            url = str(httpx.URL(self._url("/mailFolders/sentitems/messages"), params=params))
+            listed = (
+                str(item.get("internetMessageId") or "").strip() for item in self._collection(url, purpose)
+            )
+            if wanted.strip() in listed:
+                found.add(wanted)
+        return found
 
     def folders(self) -> list[FolderChoice]:
         """Every folder under the top of the mailbox, parents before their children."""
