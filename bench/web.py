@@ -31,7 +31,7 @@ from bench.latency import percentile
 from bench.ticket_list import BIG, SMALL, _databases, _desk
 from postdesk.db.models import Role, User
 from postdesk.db.session import transaction
-from postdesk.runtime import Runtime
+from postdesk.runtime import Runtime, settle_heap
 from postdesk.security.passwords import hash_password
 from postdesk.web.app import create_app
 
@@ -123,7 +123,9 @@ def _sign_in(base_url: str) -> dict[str, str]:
 
 def _measure(runtime: Runtime, tickets: int, load: ProcessPoolExecutor) -> dict[str, list[float]]:
     _make_admin(runtime)
-    with serve_in_thread(create_app(runtime)) as base_url:
+    app = create_app(runtime)
+    settle_heap()  # as `postdesk serve` does once the app is built
+    with serve_in_thread(app) as base_url:
         cookies = _sign_in(base_url)
         samples = load.submit(generate_load, base_url, cookies, tickets).result()
     failed = [sample for sample in samples if sample[2] != 200]

@@ -16,6 +16,7 @@ from postdesk.cli.demo import run_demo
 from postdesk.cli.doctor import doctor_command
 from postdesk.cli.server import run_server
 from postdesk.db import migrate
+from postdesk.runtime import settle_heap
 from postdesk.security.crypto import SecretError
 from postdesk.worker.jobs import default_jobs
 from postdesk.worker.scheduler import Scheduler
@@ -64,7 +65,9 @@ def worker_command() -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    Scheduler(runtime, default_jobs()).run_until(stop)
+    scheduler = Scheduler(runtime, default_jobs())
+    settle_heap()
+    scheduler.run_until(stop)
 
 
 @db_app.command("upgrade")

@@ -6,7 +6,7 @@ import threading
 
 import uvicorn
 
-from postdesk.runtime import Runtime
+from postdesk.runtime import Runtime, settle_heap
 from postdesk.web.app import create_app
 from postdesk.worker.jobs import default_jobs
 from postdesk.worker.scheduler import Scheduler
@@ -18,11 +18,13 @@ def run_server(runtime: Runtime, *, host: str, port: int, with_worker: bool) -> 
     worker = threading.Thread(
         target=Scheduler(runtime, default_jobs()).run_until, args=(stop,), name="postdesk-worker", daemon=True
     )
+    app = create_app(runtime)
+    settle_heap()
     if with_worker:
         worker.start()
     try:
         uvicorn.run(
-            create_app(runtime),
+            app,
             host=host,
             port=port,
             log_config=None,

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from sqlalchemy import ColumnElement, Select, bindparam, func, insert, or_, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload, selectinload
 
 from postdesk.db.models import (
     Article,
@@ -402,9 +402,8 @@ def list_tickets(session: Session, spec: TicketFilter, *, viewer: User | None = 
     page = max(1, spec.page)
     tickets = list(
         session.scalars(
-            ordered.options(
-                selectinload(Ticket.customer), selectinload(Ticket.group), selectinload(Ticket.owner)
-            )
+            # Many-to-one: joined into the page's own query rather than three more round trips.
+            ordered.options(joinedload(Ticket.customer), joinedload(Ticket.group), joinedload(Ticket.owner))
             .limit(spec.per_page)
             .offset((page - 1) * spec.per_page)
         )
@@ -429,7 +428,7 @@ def get_ticket(session: Session, number: int, *, viewer: User | None = None) -> 
     return session.scalar(
         query.options(
             selectinload(Ticket.articles).selectinload(Article.attachments),
-            selectinload(Ticket.customer),
+            joinedload(Ticket.customer),
         )
     )
 

@@ -7,7 +7,7 @@ import secrets
 from datetime import timedelta
 
 from sqlalchemy import delete, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload
 
 from postdesk.db.models import User, WebSession
 from postdesk.db.types import utcnow
@@ -44,7 +44,7 @@ def resolve_session(session: Session, token: str | None) -> WebSession | None:
     row = session.scalar(
         select(WebSession)
         .where(WebSession.id == _digest(token))
-        .options(selectinload(WebSession.user).selectinload(User.groups))
+        .options(joinedload(WebSession.user).selectinload(User.groups))
     )
     now = utcnow()
     if row is None or row.expires_at <= now or row.last_seen_at + IDLE_LIFETIME <= now:
