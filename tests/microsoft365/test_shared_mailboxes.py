@@ -218,7 +218,9 @@ def test_without_send_as_a_reply_is_refused_with_the_send_as_explanation(
     assert "Send as" in (failed.last_error or "")
 
 
-def test_the_add_account_page_asks_whose_mailbox_and_checks_the_shared_address(desk: TestClient) -> None:
+def test_the_add_account_page_asks_whose_mailbox_and_checks_the_shared_address(
+    desk: TestClient, sandbox: SandboxServer
+) -> None:
     page = desk.get("/channels/add")
     assert "A shared mailbox (a delegate signs in)" in page.text
     assert "Microsoft Graph" in page.text
@@ -227,11 +229,17 @@ def test_the_add_account_page_asks_whose_mailbox_and_checks_the_shared_address(d
     assert refused.status_code == 422
     assert "Enter the shared mailbox" in refused.text
 
-    confirmed = desk.get("/channels/add?confirm=true&mailbox=shared&shared_address=Help@Contoso.com")
-    assert (
-        "/auth/microsoft365/start?transport=imap&amp;mailbox=shared&amp;shared_address=Help%40Contoso.com"
-        in (confirmed.text)
+    # The form goes straight to the sign-in, and the page lets it follow the redirect to Microsoft.
+    assert 'action="/auth/microsoft365/start"' in page.text
+    form_action = next(
+        rule for rule in page.headers["content-security-policy"].split("; ") if rule.startswith("form-action")
     )
+    assert form_action.split()[1] == "'self'"
+    assert sandbox.base_url.rstrip("/") in form_action.split()  # the sign-in this desk is set up for
+    assert "https://login.microsoftonline.com" in form_action.split()
+
+    prefilled = desk.get("/channels/add?mailbox=shared&shared_address=Help@Contoso.com&transport=graph")
+    assert 'value="Help@Contoso.com"' in prefilled.text
 
 
 def test_graph_sign_in_asks_for_graph_permissions(desk: TestClient) -> None:

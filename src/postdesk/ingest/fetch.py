@@ -262,7 +262,7 @@ def _run_pass(
     for is_backlog, todo in ((True, backlog), (False, uids)):
         for batch in _in_batches(mailbox.fetch(todo)):
             stored = _store_batch(runtime, result, folder, state, batch, is_backlog=is_backlog)
-            _server_actions(runtime, mailbox, result.channel_id, stored.uids, after_fetch)
+            _server_actions(runtime, mailbox, stored, after_fetch)
             kept.add(stored.spooled)
             result.fetched += len(batch)
             _report_progress(runtime, result, total, progress)
@@ -369,6 +369,7 @@ def _backlog(session: Session, mailbox: ImapMailbox, channel: Channel) -> list[i
 class _Stored:
     uids: list[int]  # every message of the batch, now safe: the server copies may be flagged
     spooled: dict[str, bytes] = field(default_factory=dict)  # the bytes of the new rows, by SHA-256
+    row_ids: list[int] = field(default_factory=list)  # the rows this batch added
 
 
 def _store_batch(
@@ -384,13 +385,17 @@ def _store_batch(
     digests = store_many(runtime.settings.spool_dir, [message.raw for message in messages])
     stored = _Stored(uids=[message.uid for message in messages])
     with runtime.sessions() as session, session.begin():
-        known = set(
-            session.scalars(
-                select(InboundMessage.sha256).where(
-                    InboundMessage.channel_id == result.channel_id, InboundMessage.sha256.in_(digests)
+        # By digest alone, then the mailbox: given the channel too, PostgreSQL may walk all of the
+        # mailbox's rows comparing each with every digest (20 ms a batch at 10,000 rows).
+        known = {
+            digest
+            for channel_id, digest in session.execute(
+                select(InboundMessage.channel_id, InboundMessage.sha256).where(
+                    InboundMessage.sha256.in_(digests)
                 )
             )
-        )
+            if channel_id == result.channel_id
+        }
         new: dict[str, FetchedMessage] = {}
         for message, digest in zip(messages, digests, strict=True):
             if digest not in known:  # else the same bytes again, e.g. after a UIDVALIDITY change
@@ -398,10 +403,11 @@ def _store_batch(
         if new:
             # DO NOTHING on the unique (channel, folder, UIDVALIDITY, UID): a worker whose lease ran out
             # while it fetched may store the same message as its successor; the first row stands.
-            session.execute(
-                insert_ignoring_duplicates(session, InboundMessage),
+            added = session.execute(
+                insert_ignoring_duplicates(session, InboundMessage).returning(InboundMessage.id),
                 [_row(result.channel_id, folder, state, message, digest) for digest, message in new.items()],
             )
+            stored.row_ids = list(added.scalars())
             stored.spooled = {digest: message.raw for digest, message in new.items()}
         if messages:
             _note_new_mail(session, result.channel_id, max(stored.uids), is_backlog=is_backlog)
@@ -500,21 +506,18 @@ def move_target(folders: Sequence[str], wanted: str, *, read_folder: str) -> str
     return matches[0]
 
 
-def _server_actions(
-    runtime: Runtime, mailbox: ImapMailbox, channel_id: int, uids: list[int], after_fetch: _AfterFetch
-) -> None:
-    if not uids:
+def _server_actions(runtime: Runtime, mailbox: ImapMailbox, stored: _Stored, after_fetch: _AfterFetch) -> None:
+    """Flag, delete or move the batch's server copies, then mark the rows it added done. A row another
+    worker added meanwhile stays to be done: that worker, or the next pass, finishes it."""
+    if not stored.uids:
+        return
+    after_fetch.apply(mailbox, stored.uids)
+    if not stored.row_ids:
         return
     with runtime.sessions() as session, session.begin():
-        uidvalidity = session.scalar(select(Channel.imap_uidvalidity).where(Channel.id == channel_id))
-        after_fetch.apply(mailbox, uids)
         session.execute(
             update(InboundMessage)
-            .where(
-                InboundMessage.channel_id == channel_id,
-                InboundMessage.uid.in_(uids),
-                InboundMessage.uidvalidity == uidvalidity,
-            )
+            .where(InboundMessage.id.in_(stored.row_ids))
             .values(server_done=True)
             .execution_options(synchronize_session=False)
         )

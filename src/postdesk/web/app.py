@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from http.cookies import SimpleCookie
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -17,6 +17,8 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from postdesk import __version__
+from postdesk.config import Settings
+from postdesk.microsoft.clouds import CLOUDS
 from postdesk.runtime import Runtime
 from postdesk.security.crypto import SecretError
 from postdesk.security.csrf import CSRF_COOKIE, new_seed
@@ -41,11 +43,28 @@ from postdesk.web.templating import render
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 
-# No inline script or style anywhere: mail HTML is the most hostile content a help desk shows.
-CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "frame-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'"
-)
+
+
+def content_security_policy(settings: Settings) -> str:
+    """No inline script or style anywhere: mail HTML is the most hostile content a help desk shows.
+
+    Forms may post to Postdesk itself and to Microsoft's sign-in hosts (each cloud's, and an override's):
+    "Add account" is a form whose answer redirects to the sign-in, and browsers hold those redirects to
+    ``form-action`` too.
+    """
+    logins = {cloud.login_url for cloud in CLOUDS.values()}
+    if settings.microsoft_login_url is not None:
+        logins.add(_origin(str(settings.microsoft_login_url)))
+    return (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        f"frame-src 'self'; frame-ancestors 'none'; form-action 'self' {' '.join(sorted(logins))}; "
+        "base-uri 'none'; object-src 'none'"
+    )
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -83,7 +102,10 @@ def create_app(runtime: Runtime) -> FastAPI:
 
 
 def _install_middleware(app: FastAPI, runtime: Runtime) -> None:
-    app.add_middleware(BrowserProtections, secure=runtime.settings.uses_https)
+    app.state.content_security_policy = content_security_policy(runtime.settings)
+    app.add_middleware(
+        BrowserProtections, secure=runtime.settings.uses_https, policy=app.state.content_security_policy
+    )
 
 
 class BrowserProtections:
@@ -92,9 +114,10 @@ class BrowserProtections:
     Plain ASGI rather than ``@app.middleware("http")``: that wrapper runs each request through an extra
     task and stream pair, which costs more than everything this does."""
 
-    def __init__(self, app: ASGIApp, *, secure: bool) -> None:
+    def __init__(self, app: ASGIApp, *, secure: bool, policy: str) -> None:
         self.app = app
         self.secure = secure
+        self.policy = policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -109,7 +132,7 @@ class BrowserProtections:
                 headers = MutableHeaders(scope=message)
                 if state.get("rotate_csrf") or not seed:
                     headers.append("set-cookie", csrf_cookie(state["csrf_seed"], secure=self.secure))
-                protect_headers(headers, secure=self.secure)
+                protect_headers(headers, secure=self.secure, policy=self.policy)
             await send(message)
 
         await self.app(scope, receive, send_protected)
@@ -127,14 +150,18 @@ def csrf_cookie(seed: str, *, secure: bool) -> str:
     return morsel.OutputString()
 
 
-def protect(response: Response, *, secure: bool) -> Response:
+def protect(request: Request, response: Response) -> Response:
     """The headers every answer carries, unless its route chose stricter ones (the mail frame)."""
-    protect_headers(response.headers, secure=secure)
+    protect_headers(
+        response.headers,
+        secure=request.app.state.runtime.settings.uses_https,
+        policy=request.app.state.content_security_policy,
+    )
     return response
 
 
-def protect_headers(headers: MutableHeaders, *, secure: bool) -> None:
-    headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+def protect_headers(headers: MutableHeaders, *, secure: bool, policy: str) -> None:
+    headers.setdefault("Content-Security-Policy", policy)
     headers.setdefault("X-Content-Type-Options", "nosniff")
     headers.setdefault("Referrer-Policy", "same-origin")
     headers.setdefault("X-Frame-Options", "DENY")
@@ -174,11 +201,10 @@ def _install_error_pages(app: FastAPI) -> None:
     async def unexpected(request: Request, _exc: Exception) -> Response:
         # The traceback goes to the log (redacted); the browser gets no internals. Starlette answers
         # this one outside every middleware, so the page gets its protections here.
-        secure = request.app.state.runtime.settings.uses_https
         if request.url.path.startswith("/api/"):
             return protect(
+                request,
                 JSONResponse({"detail": "Internal error; the server log has the details."}, status_code=500),
-                secure=secure,
             )
         page = render(
             request,
@@ -186,4 +212,4 @@ def _install_error_pages(app: FastAPI) -> None:
             {"status": 500, "message": "Something went wrong on our side; the server log has the details."},
             status_code=500,
         )
-        return protect(page, secure=secure)
+        return protect(request, page)

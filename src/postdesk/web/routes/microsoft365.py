@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
@@ -263,39 +262,23 @@ def add_account(
     mailbox: str = "user",
     shared_address: str = "",
     transport: str = "imap",
-    confirm: bool = False,
 ) -> Response:
-    """ "Add account" asks first whose mailbox it is and how Postdesk should reach it, then links to the
-    sign-in. A link, not the form itself: the CSP's ``form-action 'self'`` also covers the redirect to
-    Microsoft that a form submission would follow."""
+    """ "Add account" asks whose mailbox it is and how Postdesk should reach it; its form goes straight
+    to the sign-in (``/auth/microsoft365/start``), which checks the choice and comes back here if it is
+    incomplete."""
     if current_registration(db) is None:
         return RedirectResponse("/channels#app", status_code=303)
     form = {"mailbox": mailbox, "shared_address": shared_address.strip(), "transport": transport}
-    problem = choice_problem(form) if confirm else None
-    start_url = None
-    if confirm and problem is None:
-        query = {"transport": transport} | (
-            {"mailbox": "shared", "shared_address": form["shared_address"]} if mailbox == "shared" else {}
-        )
-        start_url = f"/auth/microsoft365/start?{urlencode(query)}"
-    return add_account_page(
-        request, admin, form=form, problem=problem, start_url=start_url, status_code=422 if problem else 200
-    )
+    return add_account_page(request, admin, form=form)
 
 
 def add_account_page(
-    request: Request,
-    admin: User,
-    *,
-    form: dict[str, str],
-    problem: str | None = None,
-    start_url: str | None = None,
-    status_code: int = 200,
+    request: Request, admin: User, *, form: dict[str, str], problem: str | None = None, status_code: int = 200
 ) -> Response:
     return render(
         request,
         "channels/add.html",
-        {"section": "channels", "user": admin, "form": form, "problem": problem, "start_url": start_url},
+        {"section": "channels", "user": admin, "form": form, "problem": problem},
         status_code=status_code,
     )
 
