@@ -506,7 +506,9 @@ def move_target(folders: Sequence[str], wanted: str, *, read_folder: str) -> str
     return matches[0]
 
 
-def _server_actions(runtime: Runtime, mailbox: ImapMailbox, stored: _Stored, after_fetch: _AfterFetch) -> None:
+def _server_actions(
+    runtime: Runtime, mailbox: ImapMailbox, stored: _Stored, after_fetch: _AfterFetch
+) -> None:
     """Flag, delete or move the batch's server copies, then mark the rows it added done. A row another
     worker added meanwhile stays to be done: that worker, or the next pass, finishes it."""
     if not stored.uids:
