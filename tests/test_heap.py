@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import uvicorn
 
 from postdesk.cli import server
 from postdesk.runtime import Runtime, settle_heap
@@ -45,6 +46,6 @@ def test_what_the_process_makes_afterwards_is_still_collected() -> None:
 @pytest.mark.usefixtures("unfrozen")
 def test_the_web_server_settles_the_heap_before_serving(runtime: Runtime, monkeypatch: Any) -> None:
     seen: dict[str, int] = {}
-    monkeypatch.setattr(server.uvicorn, "run", lambda app, **_: seen.update(frozen=gc.get_freeze_count()))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **_: seen.update(frozen=gc.get_freeze_count()))
     server.run_server(runtime, host="127.0.0.1", port=0, with_worker=False)
     assert seen["frozen"] > 0
