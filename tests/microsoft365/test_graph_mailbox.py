@@ -312,6 +312,52 @@ def test_an_interrupted_send_is_settled_through_sent_items_without_a_duplicate(
     assert len(sent_from(store, mailbox_user)) == 1
 
 
+@pytest.mark.parametrize(("status", "went_out"), [(504, True), (502, True), (500, False)])
+def test_a_send_answered_with_a_server_error_is_settled_through_sent_items_not_repeated(
+    m365_runtime: Runtime,
+    graph_ticket: int,
+    store: GraphMailStore,
+    mailbox_user: str,
+    status: int,
+    went_out: bool,
+) -> None:
+    # went_out: Graph's front end gave up waiting while the mailbox server sent the message anyway.
+    store.fail_next(
+        status=status,
+        code="UnknownError",
+        message="Something went wrong upstream.",
+        path="sendMail$",
+        after_serving=went_out,
+    )
+    article_id = queue_draft(m365_runtime, graph_ticket, Draft(kind="reply", body_text="On it."))
+
+    first = send_due(m365_runtime)
+    in_doubt = delivery_of(m365_runtime, article_id)
+    with changing_delivery(m365_runtime, article_id) as row:
+        row.lease_until = utcnow() - timedelta(seconds=1)  # the check's wait is over
+    second = send_due(m365_runtime)
+
+    assert (first.sent, first.retrying) == (0, 1)
+    assert in_doubt.status is DeliveryStatus.SENDING
+    assert f"answered {status} UnknownError" in (in_doubt.last_error or "")
+    assert (second.already_sent, second.sent) == ((1, 0) if went_out else (0, 1))
+    assert delivery_of(m365_runtime, article_id).status is DeliveryStatus.SENT
+    assert len(sent_from(store, mailbox_user)) == 1
+
+
+def test_a_send_turned_away_with_503_is_tried_again_after_retry_after_and_goes_once(
+    m365_runtime: Runtime, graph_ticket: int, store: GraphMailStore, mailbox_user: str
+) -> None:
+    store.unavailable_next(retry_after=1, path="sendMail$")
+    article_id = queue_draft(m365_runtime, graph_ticket, Draft(kind="reply", body_text="On it."))
+
+    result = send_due(m365_runtime)
+
+    assert result.sent == 1
+    assert delivery_of(m365_runtime, article_id).status is DeliveryStatus.SENT
+    assert len(sent_from(store, mailbox_user)) == 1
+
+
 # -- folders and shared mailboxes -----------------------------------------------------------------
 
 

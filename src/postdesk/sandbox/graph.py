@@ -418,8 +418,13 @@ class InjectedFault:
     retry_after: int | None
     path: re.Pattern[str] | None
     method: str | None
+    # Serve the request first (its effects stay), then answer with the error: a gateway that gave up
+    # waiting while the mailbox server did the work.
+    after_serving: bool = False
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, *, after_serving: bool) -> bool:
+        if self.after_serving != after_serving:
+            return False
         if self.method is not None and self.method.upper() != method.upper():
             return False
         return self.path is None or self.path.search(path) is not None
@@ -605,13 +610,17 @@ class GraphMailStore:
         retry_after: int | None = None,
         path: str | None = None,
         method: str | None = None,
+        after_serving: bool = False,
     ) -> None:
         """Answer the next ``count`` requests (whose path matches the regular expression ``path``, and
-        method ``method``, when given) with this error instead of serving them; faults queue up."""
+        method ``method``, when given) with this error instead of serving them, or, ``after_serving``,
+        once they have been served; faults queue up."""
         pattern = re.compile(path) if path is not None else None
         with self.lock:
             for _ in range(count):
-                self._faults.append(InjectedFault(status, code, message, retry_after, pattern, method))
+                self._faults.append(
+                    InjectedFault(status, code, message, retry_after, pattern, method, after_serving)
+                )
 
     def throttle_next(
         self, count: int = 1, *, retry_after: int = 2, path: str | None = None, method: str | None = None
@@ -673,9 +682,11 @@ class GraphMailStore:
 
     # -- used while serving requests (callers hold the lock where noted) -------------------------
 
-    def take_fault(self, method: str, path: str) -> None:
+    def take_fault(self, method: str, path: str, *, after_serving: bool = False) -> None:
         with self.lock:
-            fault = next((f for f in self._faults if f.matches(method, path)), None)
+            fault = next(
+                (f for f in self._faults if f.matches(method, path, after_serving=after_serving)), None
+            )
             if fault is not None:
                 self._faults.remove(fault)
         if fault is not None:
@@ -1313,7 +1324,9 @@ class GraphApi:
         with self.store.request_slot(principal.app_id, mailbox.address):
             await self.store.wait_while_held()
             with self.store.lock:
-                return handler(GraphCall(request, principal, mailbox, body))
+                response = handler(GraphCall(request, principal, mailbox, body))
+        self.store.take_fault(request.method, request.url.path, after_serving=True)
+        return response
 
     def error(self, error: GraphError, ids: RequestIds) -> Response:
         headers: dict[str, str] = {}

@@ -10,7 +10,8 @@ Graph's rules it keeps, from Microsoft's documentation on throttling and on Outl
 - At most four requests at a time per app and mailbox: every client in the process for the same
   Graph URL and mailbox shares one semaphore.
 - 429 and 503 answers say how long to wait in ``Retry-After``: the client waits that long, up to a
-  bounded total, then reports a transient error that says so.
+  bounded total, then reports a transient error that says so. A send is never repeated after any
+  other 5xx: the mail may have gone out regardless, so the outbox settles it through Sent Items.
 - Every request carries a fresh ``client-request-id``; it is logged with the answer's ``request-id``
   and written into error texts, because those two are what Microsoft support asks for.
 - The access token only goes to the configured Graph host: next and delta links are checked before
@@ -722,6 +723,15 @@ class GraphMailbox:
                 ) from exc
         code, message = _graph_error(response)
         _log_exchange(request, response.status_code, code, trace, started)
+        if may_have_sent and response.status_code >= 500 and response.status_code != 503:
+            # 500, 502, 504: a front end's answer while the mailbox server may have sent it all the
+            # same. Trying again could send it twice; the outbox looks in Sent Items first. (503 is
+            # Graph turning the request away, to be tried again after Retry-After.)
+            raise OutcomeUnknown(
+                f"Microsoft Graph answered {response.status_code} {code or 'without an error code'} after "
+                "the message was handed over; it may or may not have been sent: check the mailbox's "
+                f"Sent Items ({trace})"
+            )
         if response.status_code in BUSY_STATUSES:
             return _Busy(response.status_code, code, _retry_after(response.headers.get("retry-after")), trace)
         raise self._refusal(response.status_code, code, message, trace, purpose)
