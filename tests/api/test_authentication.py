@@ -62,6 +62,7 @@ def test_a_valid_token_identifies_its_owner(api_client: TestClient, db_runtime: 
         "display_name": "ana",
         "role": "agent",
         "groups": ["Billing", "Support"],
+        "token_scope": "write",
     }
 
 

@@ -36,4 +36,10 @@ def test_openapi_declares_bearer_tokens_and_the_error_shape(client: TestClient) 
     assert listing["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
     channels = spec["paths"]["/api/v1/channels"]["get"]["responses"]
     assert "403" in channels
+    # Every change can be refused to a read-only token: the schema says so.
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if method != "get":
+                assert "403" in operation["responses"], f"{method.upper()} {path} lacks its 403"
+    assert spec["components"]["schemas"]["MeOut"]["properties"]["token_scope"]
     assert spec["components"]["schemas"]["TicketCreate"]["examples"]

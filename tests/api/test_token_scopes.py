@@ -54,6 +54,16 @@ def _writes(api_client: TestClient, number: int, headers: dict[str, str]) -> lis
 # -- the API ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("scope", ["read", "write"])
+def test_me_tells_a_script_what_its_token_may_do(
+    api_client: TestClient, db_runtime: Runtime, scope: str
+) -> None:
+    headers = bearer(scoped_token(db_runtime, person(db_runtime, "ana@example.com"), scope))
+    answer = api_client.get("/api/v1/me", headers=headers)
+    assert answer.status_code == 200
+    assert answer.json()["token_scope"] == scope
+
+
 def test_a_read_only_token_lists_and_gets_tickets(api_client: TestClient, db_runtime: Runtime) -> None:
     number = make_ticket(db_runtime, "Invoice charged twice")
     headers = bearer(scoped_token(db_runtime, person(db_runtime, "ana@example.com"), "read"))

@@ -15,7 +15,7 @@ from postdesk.web.api.schemas import ArticleOut, AttachmentIn, NoteIn, ReplyIn, 
 from postdesk.web.api.tickets import visible_ticket_or_404
 from postdesk.web.deps import RuntimeDep, SessionDep
 
-router = APIRouter(prefix="/tickets/{number}", tags=["articles"], responses=error_responses(401, 404))
+router = APIRouter(prefix="/tickets/{number}", tags=["articles"], responses=error_responses(401, 403, 404))
 
 
 @router.post("/replies", status_code=201, summary="Reply to the customer (queued for sending)")

@@ -64,6 +64,7 @@ def require_api_user(
         db.commit()  # last_used_at: a refused write with a read-only token is still a use
     if not scope_allows(check.scope, request.method):
         raise _read_only()
+    request.state.api_token_scope = check.scope
     return check.user
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from postdesk.web.api.deps import ApiUser, error_responses
 from postdesk.web.api.schemas import MeOut
@@ -11,11 +11,12 @@ router = APIRouter(tags=["account"], responses=error_responses(401))
 
 
 @router.get("/me", summary="The token's owner")
-def me_endpoint(user: ApiUser) -> MeOut:
+def me_endpoint(request: Request, user: ApiUser) -> MeOut:
     return MeOut(
         id=user.id,
         email=user.email,
         display_name=user.display_name,
         role=user.role,
         groups=sorted(group.name for group in user.groups),
+        token_scope=request.state.api_token_scope,
     )

@@ -24,6 +24,7 @@ from postdesk.db.models import (
     Transport,
 )
 from postdesk.mail import sanitise_html
+from postdesk.security.api_tokens import TokenScope
 
 
 class ErrorOut(BaseModel):
@@ -46,6 +47,9 @@ class MeOut(BaseModel):
     display_name: str = Field(examples=["Ana Agent"])
     role: Role = Field(examples=["agent"])
     groups: list[str] = Field(examples=[["Billing", "Support"]])
+    token_scope: TokenScope = Field(
+        description="What the token calling may do: read (GET only) or write.", examples=["read"]
+    )
 
 
 # -- tickets --------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def get_endpoint(number: int, db: SessionDep, user: ApiUser) -> TicketDetailOut:
     return ticket_detail_out(visible_ticket_or_404(db, number, user))
 
 
-@router.post("", status_code=201, summary="Create a ticket")
+@router.post("", status_code=201, summary="Create a ticket", responses=error_responses(403))
 def create_endpoint(body: TicketCreate, db: SessionDep, user: ApiUser) -> TicketDetailOut:
     """A ticket whose first article is the customer's message, as if it had come in. No mail is sent."""
     try:
@@ -146,7 +146,9 @@ def _assign(ticket: Ticket, owner: User | None) -> None:
         raise HTTPException(status_code=422, detail=str(exc)) from None
 
 
-@router.patch("/{number}", summary="Change state, owner or group", responses=error_responses(404))
+@router.patch(
+    "/{number}", summary="Change state, owner or group", responses=error_responses(403, 404)
+)
 def update_endpoint(number: int, body: TicketUpdate, db: SessionDep, user: ApiUser) -> TicketOut:
     """Only the fields sent are changed. The change is made even if it moves the ticket to a group the
     token's owner is not in (after which they can no longer see it)."""
