@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-
 def content_security_policy(settings: Settings) -> str:
     """No inline script or style anywhere: mail HTML is the most hostile content a help desk shows.
 
