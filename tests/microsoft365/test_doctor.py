@@ -231,7 +231,7 @@ def test_an_app_only_token_is_checked_for_the_application_permissions() -> None:
     def app_token(*roles: str) -> str:
         # Only the claims are read; Exchange verifies the signature.
         claims = {"aud": "https://outlook.office.com", "roles": list(roles), "oid": "sp-object-id"}
-        return jwt.encode(claims, "not-verified-here", algorithm="HS256")
+        return jwt.encode(claims, "not-verified-here-" + "k" * 32, algorithm="HS256")
 
     with pytest.raises(CheckFailed) as refused:
         check_token_claims(app_token("IMAP.AccessAsApp"), CLOUDS["global"])

@@ -29,7 +29,7 @@ from postdesk.ingest.graph_fetch import GraphAccount, open_channel_mailbox
 from postdesk.ingest.quarantine import quarantined, reprocess
 from postdesk.microsoft.clouds import endpoints_for
 from postdesk.microsoft.connect import AccessCheck, DelegationMissing, verify_delegation
-from postdesk.microsoft.identity import HTTP_TIMEOUT, trust_store
+from postdesk.microsoft.identity import HTTP_TIMEOUT, tls_context
 from postdesk.microsoft.tokens import TokenError
 from postdesk.runtime import Runtime
 from postdesk.storage import read_bytes
@@ -82,7 +82,7 @@ def _graph_problem(runtime: Runtime, mailbox: str, access_token: str) -> str | N
     url = f"{endpoints_for(runtime.settings).graph_url}/v1.0/users/{quote(mailbox)}/mailFolders/inbox"
     try:
         with httpx.Client(
-            verify=trust_store(runtime.settings), trust_env=False, timeout=HTTP_TIMEOUT
+            verify=tls_context(runtime.settings), trust_env=False, timeout=HTTP_TIMEOUT
         ) as client:
             response = client.get(url, headers={"Authorization": f"Bearer {access_token}"})
     except httpx.HTTPError as exc:
