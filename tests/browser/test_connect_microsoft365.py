@@ -72,6 +72,11 @@ def test_an_admin_connects_the_app_and_two_mailboxes(
         f"This channel is {ADELE}, but you signed in as {MEGAN}"
     )
     expect(page.locator(f"tr[data-email='{ADELE}']")).to_contain_text("Connected")
+    # The app-only form's address field takes the row's room, not its transport menu.
+    address = page.get_by_label("Mailbox address").bounding_box()
+    transport = page.get_by_label("Read and send through").bounding_box()
+    assert address is not None and transport is not None
+    assert address["width"] > 2 * transport["width"], (address, transport)
     page.screenshot(
         path=str(Path(__file__).parent.parent.parent / ".pytest_cache" / "channels.png"), full_page=True
     )
