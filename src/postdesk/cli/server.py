@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import threading
+from types import FrameType
+from typing import NoReturn
 
 import uvicorn
 
@@ -13,13 +16,21 @@ from postdesk.worker.scheduler import Scheduler
 
 
 def run_server(runtime: Runtime, *, host: str, port: int, with_worker: bool) -> None:
-    """Serve the web UI; with_worker also runs the scheduler in a thread until the server stops."""
+    """Serve the web UI; with_worker also runs the scheduler in a thread until the server stops.
+
+    SIGTERM (systemd's stop, ``docker stop``) ends it as Ctrl+C does: the server finishes the requests
+    under way, the worker its current step, and whatever the caller set up is taken down. Uvicorn
+    drains on SIGTERM and then raises it again; left at its default, that second SIGTERM would kill
+    the process on the spot.
+    """
     stop = threading.Event()
     worker = threading.Thread(
         target=Scheduler(runtime, default_jobs()).run_until, args=(stop,), name="postdesk-worker", daemon=True
     )
     app = create_app(runtime)
     settle_heap()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly) if in_main_thread else None
     if with_worker:
         worker.start()
     try:
@@ -35,3 +46,9 @@ def run_server(runtime: Runtime, *, host: str, port: int, with_worker: bool) -> 
         stop.set()
         if with_worker:
             worker.join(timeout=30)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_cleanly(_signum: int, _frame: FrameType | None) -> NoReturn:
+    raise SystemExit(0)
