@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
 
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -18,6 +21,7 @@ from postdesk.db.models import (
     TicketState,
 )
 from postdesk.db.session import transaction
+from postdesk.ingest import fetch as fetch_module
 from postdesk.ingest.fetch import fetch_channel
 from postdesk.ingest.quarantine import reprocess
 from postdesk.runtime import Runtime
@@ -62,6 +66,52 @@ def test_new_mail_becomes_a_ticket_and_the_server_copy_is_marked_read(
         assert [a.filename for a in session.get(Article, article.id).attachments] == ["photo.jpg"]  # type: ignore[union-attr]
     assert dovecot.message_count(mailbox_user) == 1  # kept on the server
     assert fetch(m365_runtime, channel_id).fetched == 0  # and not fetched again
+
+
+def test_a_message_another_worker_stored_meanwhile_stays_its_own_and_is_finished_by_the_next_pass(
+    m365_runtime: Runtime,
+    channel_id: int,
+    dovecot: DovecotServer,
+    mailbox_user: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fetch(m365_runtime, channel_id)
+    dovecot.deliver(mailbox_user, customer_mail(to=mailbox_user, subject="Printer on fire"))
+    store_batch = fetch_module._store_batch
+
+    def successor_stores_it_first(*args: Any, **kwargs: Any) -> Any:
+        # A worker whose lease ran out while it fetched: its successor stored the batch a moment ago.
+        _runtime, result, folder, state, messages = args
+        with transaction(m365_runtime.sessions) as session:
+            for message in messages:
+                session.add(
+                    InboundMessage(
+                        channel_id=result.channel_id,
+                        folder=folder,
+                        uidvalidity=state.uidvalidity,
+                        uid=message.uid,
+                        sha256="0" * 64,
+                        size=len(message.raw),
+                        status=InboundStatus.PROCESSED,
+                    )
+                )
+        return store_batch(*args, **kwargs)
+
+    monkeypatch.setattr(fetch_module, "_store_batch", successor_stores_it_first)
+    late = fetch(m365_runtime, channel_id)
+    monkeypatch.undo()
+
+    with m365_runtime.sessions() as session:
+        [row] = session.scalars(select(InboundMessage).where(InboundMessage.channel_id == channel_id))
+        assert row.sha256 == "0" * 64  # the successor's row stands; no second row, no second ticket
+    assert (late.fetched, late.processed.tickets) == (1, 0)
+    assert tickets(m365_runtime) == []
+
+    fetch(m365_runtime, channel_id)  # the server copy is flagged, and the row says so
+
+    with m365_runtime.sessions() as session:
+        [row] = session.scalars(select(InboundMessage).where(InboundMessage.channel_id == channel_id))
+        assert row.server_done
 
 
 def test_a_reply_naming_the_ticket_number_is_a_follow_up_that_reopens_it(
