@@ -3,6 +3,7 @@ against the sandbox: real sign-in, real tokens for the Graph resource, the sandb
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import timedelta
 from email import message_from_bytes, policy
@@ -26,6 +27,7 @@ from postdesk.db.session import transaction
 from postdesk.db.types import utcnow
 from postdesk.ingest import graph_fetch
 from postdesk.ingest.fetch import fetch_channel
+from postdesk.mail.compose import OutgoingAttachment
 from postdesk.outbox.queue import Draft
 from postdesk.outbox.sender import send_due
 from postdesk.runtime import Runtime
@@ -326,6 +328,35 @@ def test_a_send_of_unknown_outcome_is_settled_through_sent_items_without_a_dupli
         assert f"answered {fault} UnknownError" in (in_doubt.last_error or "")
     assert (second.already_sent, second.sent) == ((1, 0) if went_out else (0, 1))
     assert delivery_of(m365_runtime, article_id).status is DeliveryStatus.SENT
+    assert len(sent_from(store, mailbox_user)) == 1
+
+
+@pytest.mark.parametrize("went_out", [True, False])
+def test_a_large_reply_whose_send_failed_leaves_no_draft_behind_and_goes_once(
+    m365_runtime: Runtime, graph_ticket: int, store: GraphMailStore, mailbox_user: str, went_out: bool
+) -> None:
+    # Over Graph's 4 MB request limit: sent through a draft, whose send is answered 500.
+    invoice = OutgoingAttachment("invoice-scan.pdf", os.urandom(5 * 1024 * 1024), "application/pdf")
+    store.fail_next(
+        status=500,
+        code="UnknownError",
+        message="Something went wrong upstream.",
+        path="/messages/[^/]+/send$",
+        after_serving=went_out,
+    )
+    draft = Draft(kind="reply", body_text="The scan is attached.", attachments=(invoice,))
+    article_id = queue_draft(m365_runtime, graph_ticket, draft)
+
+    first = send_due(m365_runtime)
+    left_in_drafts = len(store.messages(mailbox_user, "drafts"))
+    with changing_delivery(m365_runtime, article_id) as row:
+        row.lease_until = utcnow() - timedelta(seconds=1)  # the check's wait is over
+    second = send_due(m365_runtime)
+
+    assert (first.sent, first.retrying) == (0, 1)
+    assert left_in_drafts == (0 if went_out else 1)
+    assert (second.already_sent, second.sent) == ((1, 0) if went_out else (0, 1))
+    assert store.messages(mailbox_user, "drafts") == []  # nobody can send the old draft by hand later
     assert len(sent_from(store, mailbox_user)) == 1
 
 

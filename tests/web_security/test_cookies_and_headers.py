@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from postdesk.config import Settings
 from postdesk.db.models import Role
 from postdesk.runtime import Runtime, bootstrap
-from postdesk.web.app import create_app
+from postdesk.web.app import content_security_policy, create_app
 from postdesk.web.templating import TEMPLATES_DIR
 from tests.conftest import ADMIN_PASSWORD, AGENT_PASSWORD, add_user, csrf_from, sign_in
 
@@ -133,3 +133,20 @@ _INLINE_CODE = re.compile(
 def test_no_template_needs_inline_script_or_style(template: Path) -> None:
     """The policy forbids inline code, so a page that used some would break: keep it all in /static."""
     assert _INLINE_CODE.findall(template.read_text(encoding="utf-8")) == []
+
+
+def test_forms_may_lead_to_microsofts_sign_in_hosts_and_nowhere_else(
+    make_settings: Callable[..., Settings],
+) -> None:
+    policy = content_security_policy(
+        make_settings(microsoft_login_url="https://admin:hunter2@login.example.test:8443/tenant")
+    )
+    [form_action] = [rule for rule in policy.split("; ") if rule.startswith("form-action ")]
+    assert form_action.split()[1:] == [
+        "'self'",
+        "https://login.chinacloudapi.cn",
+        "https://login.example.test:8443",  # the override's origin, without its credentials
+        "https://login.microsoftonline.com",
+        "https://login.microsoftonline.us",
+    ]
+    assert "hunter2" not in policy

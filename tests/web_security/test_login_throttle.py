@@ -224,6 +224,7 @@ def served_app(throttled: Runtime, monkeypatch: pytest.MonkeyPatch) -> object:
         started.update(options, app=app)
 
     monkeypatch.setattr(uvicorn, "run", capture)
+    monkeypatch.setattr(server, "settle_heap", lambda: None)  # the test run's heap is not to be frozen
     server.run_server(throttled, host="127.0.0.1", port=8025, with_worker=False)
     options = dict(started)
     config = uvicorn.Config(options.pop("app"), **options)  # type: ignore[arg-type]

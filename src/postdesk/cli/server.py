@@ -31,9 +31,9 @@ def run_server(runtime: Runtime, *, host: str, port: int, with_worker: bool) -> 
     settle_heap()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_cleanly) if in_main_thread else None
-    if with_worker:
-        worker.start()
     try:
+        if with_worker:
+            worker.start()
         uvicorn.run(
             app,
             host=host,
@@ -44,7 +44,7 @@ def run_server(runtime: Runtime, *, host: str, port: int, with_worker: bool) -> 
         )
     finally:
         stop.set()
-        if with_worker:
+        if worker.is_alive():
             worker.join(timeout=30)
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -54,6 +54,9 @@ class GraphSubmission:
 def sent_through_graph(
     runtime: Runtime, account: GraphAccount, token: str, message_ids: set[str]
 ) -> set[str]:
-    """Which of these Message-IDs the mailbox's Sent Items hold."""
+    """Which of these Message-IDs the mailbox's Sent Items hold. The others are sent again, so a draft
+    a large one left in Drafts when its send broke off is deleted first."""
     with open_channel_mailbox(runtime, account, token) as mailbox:
-        return mailbox.sent_items_holding(sorted(message_ids))
+        found = mailbox.sent_items_holding(sorted(message_ids))
+        mailbox.discard_drafts_of(sorted(message_ids - found))
+        return found

@@ -382,19 +382,31 @@ class GraphMailbox:
     def sent_items_holding(self, internet_message_ids: Iterable[str]) -> set[str]:
         """Which of these Message-IDs are in the mailbox's Sent Items (settling an interrupted send)."""
         purpose = _Purpose("looking in Sent Items", "read")
-        found: set[str] = set()
+        return {wanted for wanted in internet_message_ids if self._holding("sentitems", wanted, purpose)}
+
+    def discard_drafts_of(self, internet_message_ids: Iterable[str]) -> int:
+        """Delete the drafts of these Message-IDs that an interrupted large send left in Drafts, before
+        the message is sent again: left there, someone could send the same reply a second time."""
+        purpose = _Purpose("clearing an unsent draft", "write")
+        discarded = 0
         for wanted in internet_message_ids:
-            # OData doubles a quote inside a string literal. The filter narrows the answer on Graph;
-            # the comparison below is what decides.
-            literal = wanted.replace("'", "''")
-            params = {"$filter": f"internetMessageId eq '{literal}'", "$select": "internetMessageId"}
-            url = str(httpx.URL(self._url("/mailFolders/sentitems/messages"), params=params))
-            listed = (
-                str(item.get("internetMessageId") or "").strip() for item in self._collection(url, purpose)
-            )
-            if wanted.strip() in listed:
-                found.add(wanted)
-        return found
+            for item in self._holding("drafts", wanted, purpose):
+                self._discard_draft(str(item["id"]))
+                discarded += 1
+        return discarded
+
+    def _holding(self, folder: str, internet_message_id: str, purpose: _Purpose) -> list[dict[str, Any]]:
+        """The messages of a folder with this Message-ID."""
+        # OData doubles a quote inside a string literal. The filter narrows the answer on Graph; the
+        # comparison below is what decides.
+        literal = internet_message_id.replace("'", "''")
+        params = {"$filter": f"internetMessageId eq '{literal}'", "$select": "id,internetMessageId"}
+        url = str(httpx.URL(self._url(f"/mailFolders/{folder}/messages"), params=params))
+        return [
+            item
+            for item in self._collection(url, purpose)
+            if str(item.get("internetMessageId") or "").strip() == internet_message_id.strip()
+        ]
 
     def folders(self) -> list[FolderChoice]:
         """Every folder under the top of the mailbox, parents before their children."""

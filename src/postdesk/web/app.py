@@ -63,7 +63,8 @@ def content_security_policy(settings: Settings) -> str:
 
 def _origin(url: str) -> str:
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}"  # never user:password@ from the setting
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -128,6 +129,7 @@ class BrowserProtections:
 
         async def send_protected(message: Message) -> None:
             if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
                 headers = MutableHeaders(scope=message)
                 if state.get("rotate_csrf") or not seed:
                     headers.append("set-cookie", csrf_cookie(state["csrf_seed"], secure=self.secure))
